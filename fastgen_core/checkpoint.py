@@ -1,0 +1,132 @@
+"""FastGen network files: safetensors with the architecture and the recipe in the metadata.
+
+    fastgen.network = {"arch": "DigitDiT", "config": {...}}   which class to build, with what sizes
+    fastgen.recipe  = {...}                                    how to sample it (recipe.Recipe)
+
+Writes are atomic (a temporary file in the same folder, then `os.replace`), so an interrupted save
+never leaves a half-written file under the final name. Loading reads only safetensors: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .recipe import RECIPE_KEY, Recipe
+
+NETWORK_KEY = "fastgen.network"
+
+
+def _architectures():
+    # Imported lazily so that reading metadata never builds a network module graph.
+    from . import eval as eval_module
+    from . import networks
+
+    return {
+        "DigitDiT": (networks.DigitDiT, networks.DigitDiTConfig),
+        "DigitClassifier": (eval_module.DigitClassifier, eval_module.DigitClassifierConfig),
+    }
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_network(path: str, net: torch.nn.Module, recipe: Recipe | None = None, dtype=torch.float16, extra_metadata=None):
+    arch = type(net).__name__
+    if arch not in _architectures():
+        raise ValueError(f"cannot save {arch}: not a FastGen network architecture")
+    metadata = {NETWORK_KEY: json.dumps({"arch": arch, "config": net.config.to_dict()}, sort_keys=True)}
+    if recipe is not None:
+        metadata[RECIPE_KEY] = recipe.to_json()
+    metadata.update(extra_metadata or {})
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def read_metadata(path: str) -> dict:
+    """The safetensors header metadata (no tensor is loaded), with clear errors for bad files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FastGen model file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+def network_info(path: str) -> tuple[str, dict, Recipe | None]:
+    """(arch, config dict, recipe or None) from a FastGen file's metadata."""
+    metadata = read_metadata(path)
+    if NETWORK_KEY not in metadata:
+        raise ValueError(
+            f"{path} is a safetensors file but not a FastGen network (no '{NETWORK_KEY}' metadata). "
+            "Load other diffusion models with the host's own loaders (Load Diffusion Model, Load LoRA)."
+        )
+    try:
+        info = json.loads(metadata[NETWORK_KEY])
+        arch, config = info["arch"], info["config"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: malformed '{NETWORK_KEY}' metadata") from None
+    recipe = Recipe.from_json(metadata[RECIPE_KEY], source=path) if RECIPE_KEY in metadata else None
+    return arch, config, recipe
+
+
+def build_network(arch: str, config: dict, source: str = "network", **kwargs) -> torch.nn.Module:
+    archs = _architectures()
+    if arch not in archs:
+        raise ValueError(f"{source}: unknown FastGen architecture {arch!r} (known: {sorted(archs)})")
+    cls, config_cls = archs[arch]
+    try:
+        return cls(config_cls.from_dict(config), **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: bad {arch} config: {err}") from None
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    read_metadata(path)  # clear errors for missing / non-safetensors files
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: cannot read tensors (corrupt or truncated?): {err}") from None
+
+
+def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str):
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {key} contains NaN or inf")
+
+
+def load_network(path: str, dtype=torch.float32, device="cpu") -> tuple[torch.nn.Module, Recipe | None]:
+    """Build the network a FastGen file describes and load its weights (eval mode)."""
+    arch, config, recipe = network_info(path)
+    net = build_network(arch, config, source=path)
+    state_dict = load_state_dict(path)
+    check_state_dict(net, state_dict, path)
+    net.load_state_dict(state_dict)
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False), recipe

@@ -1,0 +1,43 @@
+"""Image grids and PNG files without any image library (zlib + struct), so the core needs no
+Pillow and no torchvision."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_path
+
+
+def make_grid(images: torch.Tensor, rows: int, pad: int = 2) -> torch.Tensor:
+    """[N, C, H, W] in 0..1 -> one [C, H', W'] image, `rows` rows, filled row by row."""
+    n, c, h, w = images.shape
+    cols = -(-n // rows)
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad) * 0.5
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def write_png(path: str, image: torch.Tensor, scale: int = 1):
+    """Write a [C, H, W] (C = 1 or 3) image in 0..1 as an 8-bit PNG, optionally upscaled (nearest)."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if scale > 1:
+        array = array.repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w, c = array.shape
+    color_type = {1: 0, 3: 2}[c]
+    raw = b"".join(b"\x00" + np.ascontiguousarray(array[y]).tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(png)

@@ -1,0 +1,244 @@
+"""Small networks of the embedded models.
+
+`DigitDiT` is the embedded image teacher: a class-conditional pixel-space DiT on 32x32 RGB digits.
+It follows the rectified-flow / CONST convention that ComfyUI's flow models use:
+
+    x_sigma = sigma * noise + (1 - sigma) * x0,     the network predicts v = noise - x0,
+
+so `x0 = x_sigma - sigma * v`, exactly what the host's `CONST.calculate_denoised` computes. Every
+sampler we write over `denoiser(x, sigma) -> x0` therefore serves this model and the host's flow
+models alike.
+
+Layers are built from an injectable `operations` namespace (`operations.Linear`,
+`operations.LayerNorm`), defaulting to `torch.nn`. The host passes its own `comfy.ops` classes so
+its weight casting, LoRA patching and low-VRAM offload apply to our model too; the core itself
+never imports the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_DIGITS = 10
+NULL_CLASS = NUM_DIGITS  # index of the "no class" token used for classifier-free guidance
+NUM_CLASS_TOKENS = NUM_DIGITS + 1
+
+
+@dataclass(frozen=True)
+class DigitDiTConfig:
+    in_channels: int = 3
+    image_size: int = 32
+    patch_size: int = 4
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DigitDiTConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown DigitDiT config keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+def class_conditioning(labels, dtype=torch.float32) -> torch.Tensor:
+    """One-hot class weights [B, 1, 11] for digit labels 0..9, or NULL_CLASS (10) for unconditional.
+
+    A weight vector rather than an index lets conditionings be averaged (the host's
+    ConditioningAverage interpolates between digits) and batched like any cross-attention context.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = labels[(labels < 0) | (labels > NULL_CLASS)]
+    if bad.numel():
+        raise ValueError(
+            f"digit class {int(bad[0])} is out of range: use 0..9, or {NULL_CLASS} for unconditional"
+        )
+    return F.one_hot(labels, NUM_CLASS_TOKENS).to(dtype).unsqueeze(1)
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of sigma in [0, 1] (scaled by 1000 so frequencies cover the range)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    args = sigma.float()[:, None] * 1000.0 * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding [grid_h * grid_w, dim]; computed per size, so any
+    multiple of the patch size runs (the model was trained at 32x32)."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float32, device=device),
+        torch.arange(grid_w, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    out = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        angles = pos[:, None] * omega[None]
+        out += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(out, dim=1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation from the conditioning vector."""
+
+    def __init__(self, dim, heads, mlp_ratio, operations=nn, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.norm1 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **kw)
+        self.qkv = operations.Linear(dim, 3 * dim, **kw)
+        self.proj = operations.Linear(dim, dim, **kw)
+        self.norm2 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **kw)
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = operations.Linear(dim, hidden, **kw)
+        self.fc2 = operations.Linear(hidden, dim, **kw)
+        self.ada = operations.Linear(dim, 6 * dim, **kw)
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        b, n, d = x.shape
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + gate1[:, None] * self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        h = self.fc2(F.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate="tanh"))
+        return x + gate2[:, None] * h
+
+
+class DigitDiT(nn.Module):
+    """Class-conditional pixel-space DiT predicting the flow velocity v = noise - x0."""
+
+    def __init__(self, config: DigitDiTConfig = DigitDiTConfig(), operations=nn, device=None, dtype=None):
+        super().__init__()
+        if config.dim % config.heads or config.dim % 4:
+            raise ValueError("dim must be divisible by heads and by 4")
+        self.config = config
+        kw = {"device": device, "dtype": dtype}
+        p, c, d = config.patch_size, config.in_channels, config.dim
+        self.patch_embed = operations.Linear(p * p * c, d, **kw)
+        self.time_mlp1 = operations.Linear(d, d, **kw)
+        self.time_mlp2 = operations.Linear(d, d, **kw)
+        self.class_embed = operations.Linear(NUM_CLASS_TOKENS, d, bias=False, **kw)
+        self.blocks = nn.ModuleList(DiTBlock(d, config.heads, config.mlp_ratio, operations, **kw) for _ in range(config.depth))
+        self.final_norm = operations.LayerNorm(d, elementwise_affine=False, eps=1e-6, **kw)
+        self.final_ada = operations.Linear(d, 2 * d, **kw)
+        self.final_proj = operations.Linear(d, p * p * c, **kw)
+
+    def init_weights(self, seed: int = 0):
+        """DiT initialisation: small normal weights, zeroed adaLN gates and output (adaLN-Zero)."""
+        gen = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = math.sqrt(6.0 / (module.in_features + module.out_features))
+                with torch.no_grad():
+                    module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 2 * bound - bound)
+                    if module.bias is not None:
+                        module.bias.zero_()
+        with torch.no_grad():
+            self.class_embed.weight.normal_(0, 0.02, generator=gen)
+            for block in self.blocks:
+                block.ada.weight.zero_()
+                block.ada.bias.zero_()
+            for layer in (self.final_ada, self.final_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        return self
+
+    def patchify(self, x):
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, tokens, h, w):
+        b = tokens.shape[0]
+        p, c = self.config.patch_size, self.config.in_channels
+        x = tokens.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, h, w)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] at noise level sigma [B] in [0, 1]; class_weights [B, 11] (one-hot or a mix)."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"DigitDiT expects [B, {self.config.in_channels}, H, W] input, got {list(x.shape)}")
+        if class_weights.ndim != 2 or class_weights.shape[-1] != NUM_CLASS_TOKENS:
+            raise ValueError(
+                f"DigitDiT expects class weights [B, {NUM_CLASS_TOKENS}] (digit 0..9 + unconditional), "
+                f"got {list(class_weights.shape)}"
+            )
+        tokens, c = self.embed(x, sigma, class_weights)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return self.head(tokens, c, x.shape[-2], x.shape[-1])
+
+    def embed(self, x, sigma, class_weights):
+        """Patch tokens with positions, and the conditioning vector (timestep + class)."""
+        b, _, h, w = x.shape
+        sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma.reshape(b)
+        p = self.config.patch_size
+        tokens = self.patch_embed(self.patchify(x))
+        tokens = tokens + sincos_2d(h // p, w // p, self.config.dim, device=x.device).to(tokens.dtype)
+        t_emb = timestep_embedding(sigma, self.config.dim).to(tokens.dtype)
+        c = self.time_mlp2(F.silu(self.time_mlp1(t_emb))) + self.class_embed(class_weights.to(tokens.dtype))
+        return tokens, c
+
+    def head(self, tokens, c, h, w):
+        shift, scale = self.final_ada(F.silu(c)).chunk(2, dim=-1)
+        return self.unpatchify(self.final_proj(modulate(self.final_norm(tokens), shift, scale)), h, w)
+
+
+def guided_denoiser(net: DigitDiT, class_weights: torch.Tensor, guidance: float = 1.0):
+    """Wrap the velocity network as `denoiser(x, sigma) -> x0` (the k-diffusion calling convention).
+
+    class_weights [B, 11] come from `class_conditioning(labels)[:, 0]`. With guidance != 1 the
+    conditional and unconditional passes run as one batch:
+    x0 = x0_uncond + guidance * (x0_cond - x0_uncond).
+    """
+    uncond = class_conditioning([NULL_CLASS] * class_weights.shape[0])[:, 0]
+
+    def denoise(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        if guidance == 1.0:
+            v = net(x, sigma, class_weights.to(x))
+        else:
+            v_cond, v_uncond = net(
+                torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_weights, uncond]).to(x)
+            ).chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+        return x - sigma.reshape(-1, 1, 1, 1) * v
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_digits(net: DigitDiT, labels, steps: int = 32, guidance: float = 3.0, seed: int = 0, shift: float = 1.0,
+                  batch: int = 256, callback=None) -> torch.Tensor:
+    """Generate [N, 3, 32, 32] digits in -1..1 with Euler steps; the noise depends only on the seed."""
+    from .sampling import flow_sigmas, sample_euler
+
+    labels = torch.as_tensor(labels).reshape(-1)
+    size = net.config.image_size
+    noise = torch.randn(len(labels), net.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    sigmas = flow_sigmas(steps, shift)
+    out = []
+    for i in range(0, len(labels), batch):
+        denoiser = guided_denoiser(net, class_conditioning(labels[i : i + batch])[:, 0], guidance)
+        out.append(sample_euler(denoiser, noise[i : i + batch], sigmas, callback=callback))
+    return torch.cat(out)

@@ -1,0 +1,62 @@
+"""Student / teacher recipe: how a model must be sampled.
+
+Stored as the JSON string `fastgen.recipe` in the metadata of every safetensors file we write
+(safetensors metadata values must be strings), and read with `safe_open(...).metadata()` without
+loading any tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+RECIPE_KEY = "fastgen.recipe"
+RECIPE_VERSION = 1
+PREDICTIONS = ("flow", "eps", "v")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str  # model family, e.g. "fastgen-digits", "sdxl", "wan2.1"
+    prediction: str  # "flow" (CONST, x = s*noise + (1-s)*x0), "eps" or "v"
+    steps: int
+    sampler: str = "euler"
+    cfg: float = 1.0
+    shift: float = 1.0
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    method: str = "teacher"  # "teacher", "dmd2", "lcm", ...
+    teacher: str | None = None
+    version: int = RECIPE_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"recipe prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"recipe steps must be a positive integer, got {self.steps!r}")
+        if self.cfg < 0 or self.shift <= 0:
+            raise ValueError(f"recipe cfg must be >= 0 and shift > 0, got cfg={self.cfg} shift={self.shift}")
+        for name in ("timesteps", "sigmas"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.steps:
+                raise ValueError(f"recipe has {len(values)} {name} for {self.steps} steps")
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and v != {}}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "recipe") -> Recipe:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: '{RECIPE_KEY}' is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: '{RECIPE_KEY}' must be a JSON object")
+        # Keys a newer writer added are kept in `extra` rather than rejected.
+        extra = dict(values.pop("extra", None) or {})
+        extra.update({k: values.pop(k) for k in list(values) if k not in cls.__dataclass_fields__})
+        try:
+            return cls(**values, extra=extra)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: bad '{RECIPE_KEY}' ({err})") from None

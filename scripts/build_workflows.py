@@ -1,0 +1,87 @@
+"""Write the shared workflows in workflows/ (ComfyUI's UI format, what users drag in).
+
+Each workflow is described here as nodes with widget values and links; the script lays them out
+left to right and writes the JSON the frontend saves. Run it after changing a workflow:
+
+    python scripts/build_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKFLOWS = os.path.join(os.path.dirname(HERE), "workflows")
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, type_, widgets=(), inputs=(), outputs=(), pos=(0, 0), size=(320, 130), title=None):
+        """inputs: [(name, TYPE)], outputs: [(name, TYPE)]; returns the node id."""
+        node_id = len(self.nodes) + 1
+        node = {
+            "id": node_id, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": node_id - 1,
+            "mode": 0, "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, src, src_slot, dst, dst_input):
+        link_id = len(self.links) + 1
+        src_node, dst_node = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = next(i for i, inp in enumerate(dst_node["inputs"]) if inp["name"] == dst_input)
+        type_ = src_node["outputs"][src_slot]["type"]
+        src_node["outputs"][src_slot]["links"].append(link_id)
+        dst_node["inputs"][slot]["link"] = link_id
+        self.links.append([link_id, src, src_slot, dst, slot, type_])
+
+    def to_json(self):
+        return {
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+            "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+def embedded_teacher() -> Graph:
+    """Load the embedded digit teacher -> condition on digits -> KSampler -> pixel decode -> save."""
+    g = Graph()
+    model = g.node("FastGenLoadModel", ["embedded/digit_teacher.safetensors"], outputs=[("MODEL", "MODEL")], pos=(40, 60))
+    cond = g.node("FastGenDigitConditioning", ["0123456789"],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 220))
+    latent = g.node("EmptyChromaRadianceLatentImage", [32, 32, 10], outputs=[("LATENT", "LATENT")], pos=(40, 380))
+    sampler = g.node(
+        "KSampler", [42, "fixed", 32, 3.0, "euler", "simple", 1.0],
+        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        outputs=[("LATENT", "LATENT")], pos=(420, 60), size=(320, 270),
+    )
+    vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=(420, 380))
+    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                    pos=(800, 60), size=(200, 50))
+    save = g.node("SaveImage", ["fastgen/digits"], inputs=[("images", "IMAGE")], pos=(800, 160), size=(400, 300))
+    g.link(model, 0, sampler, "model")
+    g.link(cond, 0, sampler, "positive")
+    g.link(cond, 1, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return g
+
+
+WORKFLOW_BUILDERS = {"embedded_teacher.json": embedded_teacher}
+
+if __name__ == "__main__":
+    for name, build in WORKFLOW_BUILDERS.items():
+        path = os.path.join(WORKFLOWS, name)
+        with open(path, "w") as f:
+            json.dump(build().to_json(), f, indent=1)
+            f.write("\n")
+        print("wrote", path)

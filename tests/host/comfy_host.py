@@ -1,0 +1,138 @@
+"""A real ComfyUI for the host tests: found, started headless on CPU with this pack installed,
+driven over its HTTP API, and stopped.
+
+Where is ComfyUI? `COMFYUI_PATH`, else the host this pack sits in (custom_nodes/<pack>/../..).
+Without one, or without its Python requirements, the host tests skip with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_NAME = "comfyui-fastgen"
+HOST_MODULES = ("aiohttp", "torchsde", "einops", "transformers", "yaml", "PIL", "sqlalchemy", "alembic", "av")
+
+
+def find_comfyui() -> tuple[str | None, str]:
+    """(path, reason): the path is None when no usable host is found, and the reason says why."""
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(os.environ["COMFYUI_PATH"])
+    candidates.append(os.path.dirname(os.path.dirname(REPO)))  # custom_nodes/<pack>/../..
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "main.py")) and os.path.isdir(os.path.join(path, "comfy")):
+            missing = [m for m in HOST_MODULES if importlib.util.find_spec(m) is None]
+            if missing:
+                return None, f"ComfyUI found at {path} but its requirements are missing here ({', '.join(missing)})"
+            return path, ""
+    if os.environ.get("COMFYUI_PATH"):
+        return None, f"COMFYUI_PATH={os.environ['COMFYUI_PATH']} is not a ComfyUI checkout (no main.py / comfy/)"
+    return None, "no ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (v0.3.64) to run the host tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """ComfyUI on 127.0.0.1 with a throwaway base directory holding models/, custom_nodes/ (this
+    pack, linked), input/, output/, temp/ and user/."""
+
+    def __init__(self, comfy_path: str, extra_models: dict[str, list[str]] | None = None):
+        self.comfy_path = comfy_path
+        self.base = tempfile.mkdtemp(prefix="fastgen-host-")
+        for sub in ("custom_nodes", "input", "output", "temp", "user", "models/diffusion_models", "models/loras", "models/vae"):
+            os.makedirs(os.path.join(self.base, sub), exist_ok=True)
+        os.symlink(REPO, os.path.join(self.base, "custom_nodes", PACK_NAME))
+        for folder, files in (extra_models or {}).items():
+            for f in files:
+                shutil.copy(f, os.path.join(self.base, "models", folder))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.base, "comfyui.log")
+        self.proc = None
+
+    def start(self, timeout: float = 120.0):
+        cmd = [
+            sys.executable, os.path.join(REPO, "tests", "host", "launch_comfyui.py"), self.comfy_path,
+            "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base,
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes",
+        ]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, route: str, payload: dict):
+        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def run_prompt(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format prompt, wait for it, return its history entry (raises on errors)."""
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        if status != 200:
+            raise AssertionError(f"prompt rejected ({status}): {json.dumps(body)[:2000]}")
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                entry = history[prompt_id]
+                if entry.get("status", {}).get("status_str") == "error":
+                    raise AssertionError(f"prompt failed: {json.dumps(entry['status'])[:3000]}")
+                return entry
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def output_files(self, entry: dict) -> list[str]:
+        paths = []
+        for node_out in entry.get("outputs", {}).values():
+            for image in node_out.get("images", []):
+                folder = {"output": "output", "temp": "temp"}[image.get("type", "output")]
+                paths.append(os.path.join(self.base, folder, image.get("subfolder", ""), image["filename"]))
+        return paths

@@ -1,0 +1,141 @@
+"""The pack inside a real ComfyUI (v0.3.64) on CPU: registration, workflows, native-model behaviour."""
+
+import copy
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from comfy_host import PACK_NAME, REPO
+from workflow_api import missing_node_types, ui_to_api
+
+WORKFLOW_FILES = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
+
+
+def pack_node_ids():
+    import ast
+
+    ids = []
+    for path in glob.glob(os.path.join(REPO, "nodes", "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.keyword) and node.arg == "node_id" and isinstance(node.value, ast.Constant):
+                ids.append(node.value.value)
+    return sorted(ids)
+
+
+def load_workflow(name):
+    with open(os.path.join(REPO, "workflows", name)) as f:
+        return json.load(f)
+
+
+def read_png(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+
+
+def test_every_node_registers_without_import_errors(comfy, object_info):
+    ids = pack_node_ids()
+    assert ids, "found no node_id in nodes/"
+    missing = [i for i in ids if i not in object_info]
+    assert not missing, f"nodes not registered: {missing}"
+    for i in ids:
+        assert object_info[i]["category"].startswith("FastGen/"), i
+        assert object_info[i]["description"], f"{i} has no description"
+    log = comfy.log()
+    assert f"Cannot import {comfy.base}" not in log and "IMPORT FAILED" not in log.split(PACK_NAME)[-1].split("\n")[0]
+    lines = [line for line in log.splitlines() if PACK_NAME in line or "fastgen" in line.lower()]
+    bad = [line for line in lines if any(w in line.lower() for w in ("error", "warning", "traceback", "failed"))]
+    assert not bad, bad
+
+
+def test_loader_lists_only_fastgen_networks(object_info):
+    options = object_info["FastGenLoadModel"]["input"]["required"]["model_name"][1]["options"]
+    assert "embedded/digit_teacher.safetensors" in options
+    assert not any("corrupt" in o or "foreign" in o for o in options), options
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
+def test_workflow_converts_and_runs(comfy, object_info, path):
+    with open(path) as f:
+        workflow = json.load(f)
+    assert missing_node_types(workflow, object_info) == []
+    entry = comfy.run_prompt(ui_to_api(workflow, object_info))
+    files = comfy.output_files(entry)
+    assert files and all(os.path.getsize(p) > 0 for p in files)
+
+
+def test_teacher_workflow_draws_the_requested_digits(comfy, object_info):
+    from fastgen_core.eval import load_classifier, predict
+
+    prompt = ui_to_api(load_workflow("embedded_teacher.json"), object_info)
+    files = sorted(comfy.output_files(comfy.run_prompt(prompt)))
+    assert len(files) == 10
+    images = torch.tensor(np.stack([read_png(p) for p in files]))[:, None]  # [10, 1, 32, 32]
+    predicted = predict(load_classifier(), images[..., 2:-2, 2:-2])
+    correct = (predicted == torch.arange(10)).sum().item()
+    assert correct >= 9, f"teacher drew {predicted.tolist()} for digits 0..9"
+
+
+def _sampler_prompt(object_info, seed=7):
+    prompt = ui_to_api(load_workflow("embedded_teacher.json"), object_info)
+    ids = {v["class_type"]: k for k, v in prompt.items()}
+    prompt[ids["KSampler"]]["inputs"].update(seed=seed, steps=8)
+    prompt[ids["FastGenDigitConditioning"]]["inputs"]["digits"] = "3"
+    prompt[ids["EmptyChromaRadianceLatentImage"]]["inputs"]["batch_size"] = 2
+    prompt[ids["SaveImage"]]["class_type"] = "PreviewImage"
+    prompt[ids["SaveImage"]]["inputs"].pop("filename_prefix")
+    return prompt, ids
+
+
+def _images(comfy, prompt):
+    return np.stack([read_png(p) for p in sorted(comfy.output_files(comfy.run_prompt(prompt)))])
+
+
+def test_same_seed_same_image_and_lora_changes_it(comfy, object_info):
+    prompt, ids = _sampler_prompt(object_info)
+    base = _images(comfy, prompt)
+    again = _images(comfy, copy.deepcopy(prompt))
+    assert np.array_equal(base, again), "the same seed gave different images"
+
+    lora = copy.deepcopy(prompt)
+    lora["100"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": [ids["FastGenLoadModel"], 0], "lora_name": "digit_test_lora.safetensors", "strength_model": 1.0}}
+    lora[ids["KSampler"]]["inputs"]["model"] = ["100", 0]
+    with_lora = _images(comfy, lora)
+    assert np.abs(with_lora - base).mean() > 0.01, "the host's LoraLoader had no effect on the FastGen model"
+
+
+def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, object_info):
+    prompt, ids = _sampler_prompt(object_info)
+    base = _images(comfy, prompt)
+    model = [ids["FastGenLoadModel"], 0]
+    custom = {k: v for k, v in prompt.items() if v["class_type"] != "KSampler"}
+    custom.update({
+        "101": {"class_type": "EasyCache", "inputs": {"model": model, "reuse_threshold": 0.2, "start_percent": 0.15,
+                                                      "end_percent": 0.95, "verbose": False}},
+        "102": {"class_type": "CFGGuider", "inputs": {"model": ["101", 0], "positive": [ids["FastGenDigitConditioning"], 0],
+                                                      "negative": [ids["FastGenDigitConditioning"], 1], "cfg": 3.0}},
+        "103": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "104": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": 8, "denoise": 1.0}},
+        "105": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "106": {"class_type": "SamplerCustomAdvanced",
+                "inputs": {"noise": ["105", 0], "guider": ["102", 0], "sampler": ["103", 0], "sigmas": ["104", 0],
+                           "latent_image": [ids["EmptyChromaRadianceLatentImage"], 0]}},
+    })
+    custom[ids["VAEDecode"]]["inputs"]["samples"] = ["106", 0]
+    cached = _images(comfy, custom)
+    assert cached.shape == base.shape
+    # EasyCache approximates: the digit stays the same image up to its skipped steps.
+    assert np.abs(cached - base).mean() < 0.1
+    assert "EasyCache" in comfy.log()
+
+
+def test_bad_digits_are_rejected_with_a_clear_message(comfy, object_info):
+    prompt, ids = _sampler_prompt(object_info)
+    prompt[ids["FastGenDigitConditioning"]]["inputs"]["digits"] = "12x"
+    status, body = comfy.post("/prompt", {"prompt": prompt})
+    assert status == 400
+    assert "'x'" in json.dumps(body), body
