@@ -36,11 +36,15 @@ class HostDigitDiT(DigitDiT):
         self.dtype = dtype if dtype is not None else torch.float32  # BaseModel.get_dtype reads it
 
     def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
-        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
-            self._forward,
-            self,
-            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options),
-        ).execute(x, timestep, context, control, transformer_options, **kwargs)
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        if wrappers:
+            # In fp32, BaseModel hands us the sampler's own latent (xc.to(dtype) is a no-op), and
+            # some wrappers write into their input (the host's EasyCache does `x += diff` when it
+            # skips a step), which would corrupt the sampler's state. A private copy is cheap here.
+            x = x.clone()
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, control, transformer_options, **kwargs
+        )
 
     def _forward(self, x, timestep, context, control=None, transformer_options={}, **kwargs):
         if context is None or context.ndim != 3 or context.shape[-1] != NUM_CLASS_TOKENS:

@@ -124,10 +124,19 @@ class ComfyServer:
             if prompt_id in history:
                 entry = history[prompt_id]
                 if entry.get("status", {}).get("status_str") == "error":
-                    raise AssertionError(f"prompt failed: {json.dumps(entry['status'])[:3000]}")
+                    raise AssertionError(f"prompt failed: {self._error_summary(entry)}")
                 return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    @staticmethod
+    def _error_summary(entry: dict) -> str:
+        """The failing node, the exception and the innermost frames of its traceback."""
+        for kind, data in entry.get("status", {}).get("messages", []):
+            if kind == "execution_error":
+                frames = "".join(data.get("traceback", [])[-4:])
+                return f"{data['node_type']} (node {data['node_id']}): {data['exception_type']}: {data['exception_message']}\n{frames}"
+        return json.dumps(entry.get("status"))[:3000]
 
     def output_files(self, entry: dict) -> list[str]:
         paths = []

@@ -109,15 +109,18 @@ def test_same_seed_same_image_and_lora_changes_it(comfy, object_info):
 
 
 def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, object_info):
+    # cfg 1: one cond chunk per model call. The host's EasyCache (v0.3.64) adds each chunk's cached
+    # diff to the whole batch, so with cond and uncond batched together it breaks on any model.
     prompt, ids = _sampler_prompt(object_info)
+    prompt[ids["KSampler"]]["inputs"]["cfg"] = 1.0
     base = _images(comfy, prompt)
     model = [ids["FastGenLoadModel"], 0]
-    custom = {k: v for k, v in prompt.items() if v["class_type"] != "KSampler"}
+    custom = {k: copy.deepcopy(v) for k, v in prompt.items() if v["class_type"] != "KSampler"}
     custom.update({
         "101": {"class_type": "EasyCache", "inputs": {"model": model, "reuse_threshold": 0.2, "start_percent": 0.15,
                                                       "end_percent": 0.95, "verbose": False}},
         "102": {"class_type": "CFGGuider", "inputs": {"model": ["101", 0], "positive": [ids["FastGenDigitConditioning"], 0],
-                                                      "negative": [ids["FastGenDigitConditioning"], 1], "cfg": 3.0}},
+                                                      "negative": [ids["FastGenDigitConditioning"], 1], "cfg": 1.0}},
         "103": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "104": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": 8, "denoise": 1.0}},
         "105": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
@@ -128,9 +131,10 @@ def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, ob
     custom[ids["VAEDecode"]]["inputs"]["samples"] = ["106", 0]
     cached = _images(comfy, custom)
     assert cached.shape == base.shape
-    # EasyCache approximates: the digit stays the same image up to its skipped steps.
-    assert np.abs(cached - base).mean() < 0.1
-    assert "EasyCache" in comfy.log()
+    skipped = [line for line in comfy.log().splitlines() if "EasyCache - skipped" in line]
+    assert skipped and not skipped[-1].startswith("EasyCache - skipped 0/"), skipped
+    # EasyCache approximates the skipped steps: the image stays close to the uncached one.
+    assert 0 < np.abs(cached - base).mean() < 0.05
 
 
 def test_bad_digits_are_rejected_with_a_clear_message(comfy, object_info):
