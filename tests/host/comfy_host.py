@@ -71,6 +71,7 @@ class ComfyServer:
             sys.executable, os.path.join(REPO, "tests", "host", "launch_comfyui.py"), self.comfy_path,
             "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base,
             "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes",
+            "--preview-method", "latent2rgb",
         ]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -104,17 +105,22 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + route, timeout=30) as r:
             return json.loads(r.read())
 
-    def post(self, route: str, payload: dict):
+    def post(self, route: str, payload):
+        """POST JSON; returns (status, body as JSON where it is JSON, else text)."""
         req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
+                status, raw = r.status, r.read()
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+            status, raw = err.code, err.read()
+        try:
+            return status, json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            return status, raw.decode(errors="replace")
 
-    def run_prompt(self, prompt: dict, timeout: float = 300.0) -> dict:
+    def run_prompt(self, prompt: dict, timeout: float = 300.0, client_id: str | None = None) -> dict:
         """Queue an API-format prompt, wait for it, return its history entry (raises on errors)."""
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         if status != 200:
             raise AssertionError(f"prompt rejected ({status}): {json.dumps(body)[:2000]}")
         prompt_id = body["prompt_id"]
@@ -128,6 +134,34 @@ class ComfyServer:
                 return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run_prompt_watching(self, prompt: dict, timeout: float = 300.0) -> tuple[dict, list, int]:
+        """Run a prompt while listening on the websocket as the page does: returns the history
+        entry, the JSON events received and the number of binary preview frames."""
+        import asyncio
+
+        import aiohttp
+
+        async def watch():
+            client_id = uuid.uuid4().hex
+            events, previews = [], 0
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"{self.url}/ws?clientId={client_id}") as ws:
+                loop = asyncio.get_running_loop()
+                run = loop.run_in_executor(None, lambda: self.run_prompt(prompt, timeout, client_id))
+                while not run.done():
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        previews += 1
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        events.append(json.loads(msg.data))
+                    else:
+                        break
+                return await run, events, previews
+
+        return asyncio.run(watch())
 
     @staticmethod
     def _error_summary(entry: dict) -> str:

@@ -67,6 +67,30 @@ def test_workflow_converts_and_runs(comfy, object_info, path):
     assert files and all(os.path.getsize(p) > 0 for p in files)
 
 
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
+def test_workflow_loads_in_the_real_page_without_missing_nodes(comfy, path):
+    import asyncio
+
+    from browser import Browser, find_chromium, load_workflow_in_page
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium for the page test (apt-get install chromium)")
+    with open(path) as f:
+        workflow = json.load(f)
+
+    async def check():
+        browser = await Browser().session()
+        try:
+            missing = await load_workflow_in_page(browser, comfy.url, workflow)
+            count = await browser.evaluate("window.app.graph._nodes.length")
+            return missing, count
+        finally:
+            await browser.close()
+
+    missing, count = asyncio.run(check())
+    assert missing == [] and count == len(workflow["nodes"])
+
+
 def test_teacher_workflow_draws_the_requested_digits(comfy, object_info):
     from fastgen_core.eval import load_classifier, predict
 
@@ -135,6 +159,14 @@ def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, ob
     assert skipped and not skipped[-1].startswith("EasyCache - skipped 0/"), skipped
     # EasyCache approximates the skipped steps: the image stays close to the uncached one.
     assert 0 < np.abs(cached - base).mean() < 0.05
+
+
+def test_sampling_shows_progress_and_previews_on_the_page(comfy, object_info):
+    prompt, ids = _sampler_prompt(object_info, seed=11)
+    _, events, previews = comfy.run_prompt_watching(prompt)
+    progress = [e["data"] for e in events if e.get("type") == "progress" and e["data"].get("node") == ids["KSampler"]]
+    assert [p["value"] for p in progress][-1] == 8 and all(p["max"] == 8 for p in progress), progress
+    assert previews >= 4, f"only {previews} preview frames reached the page"
 
 
 def test_bad_digits_are_rejected_with_a_clear_message(comfy, object_info):
