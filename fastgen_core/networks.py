@@ -229,16 +229,20 @@ def guided_denoiser(net: DigitDiT, class_weights: torch.Tensor, guidance: float 
 
 @torch.no_grad()
 def sample_digits(net: DigitDiT, labels, steps: int = 32, guidance: float = 3.0, seed: int = 0, shift: float = 1.0,
-                  batch: int = 256, callback=None) -> torch.Tensor:
-    """Generate [N, 3, 32, 32] digits in -1..1 with Euler steps; the noise depends only on the seed."""
-    from .sampling import flow_sigmas, sample_euler
+                  sampler: str = "euler", batch: int = 256, callback=None) -> torch.Tensor:
+    """Generate [N, 3, 32, 32] digits in -1..1; the noise depends only on the seed.
+    `sampler` names a function of fastgen_core.sampling ("euler", "dpmpp_2m", ...)."""
+    from . import sampling
 
+    sample = getattr(sampling, f"sample_{sampler}", None)
+    if sample is None:
+        raise ValueError(f"unknown sampler {sampler!r}")
     labels = torch.as_tensor(labels).reshape(-1)
     size = net.config.image_size
     noise = torch.randn(len(labels), net.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = sampling.flow_sigmas(steps, shift)
     out = []
     for i in range(0, len(labels), batch):
         denoiser = guided_denoiser(net, class_conditioning(labels[i : i + batch])[:, 0], guidance)
-        out.append(sample_euler(denoiser, noise[i : i + batch], sigmas, callback=callback))
+        out.append(sample(denoiser, noise[i : i + batch], sigmas, callback=callback))
     return torch.cat(out)

@@ -2,5 +2,6 @@
 
 from .conditioning import FastGenDigitConditioning
 from .loaders import FastGenLoadModel
+from .sampling import FastGenSampler, FastGenSigmas
 
-NODES = [FastGenLoadModel, FastGenDigitConditioning]
+NODES = [FastGenLoadModel, FastGenDigitConditioning, FastGenSampler, FastGenSigmas]

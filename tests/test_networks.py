@@ -9,7 +9,6 @@ from fastgen_core.networks import (
     guided_denoiser,
     sample_digits,
 )
-from fastgen_core.sampling import flow_sigmas
 from fastgen_core.train import flow_matching_loss
 
 TINY = DigitDiTConfig(dim=32, depth=2, heads=2)
@@ -77,12 +76,6 @@ def test_sampling_is_deterministic_for_a_seed():
     b = sample_digits(net, [1, 2, 3], steps=3, guidance=2.0, seed=5)
     c = sample_digits(net, [1, 2, 3], steps=3, guidance=2.0, seed=6)
     assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_flow_sigmas_match_the_hosts_shift_formula():
-    sigmas = flow_sigmas(4, shift=3.0)
-    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
-    torch.testing.assert_close(sigmas, 3 * t / (1 + 2 * t))
 
 
 def test_a_few_training_steps_lower_the_loss():

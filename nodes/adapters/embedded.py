@@ -27,8 +27,8 @@ class HostDigitDiT(DigitDiT):
     """DigitDiT with the host's calling convention: forward(x, timestep, context, ...).
 
     `context` is the CONDITIONING tensor [B, 1, 11] from "FastGen Digit Conditioning"; the timestep
-    is sigma itself (the model config sets the flow multiplier to 1). Blocks can be replaced through
-    `transformer_options["patches_replace"]["dit"][("block", i)]`, the host's convention for DiTs.
+    is sigma itself (the model config sets the flow multiplier to 1). DIFFUSION_MODEL wrappers
+    (EasyCache, our patches) run around the whole forward, as on the host's own models.
     """
 
     def __init__(self, image_model=None, dtype=None, device=None, operations=None, **config):
@@ -54,16 +54,8 @@ class HostDigitDiT(DigitDiT):
                 f"[B, 1, {NUM_CLASS_TOKENS}]); it got {shape}. A text encoder's CONDITIONING does not fit this model."
             )
         tokens, c = self.embed(x, timestep, context.mean(dim=1))
-        replace = transformer_options.get("patches_replace", {}).get("dit", {})
-        for i, block in enumerate(self.blocks):
-            if ("block", i) in replace:
-                def original_block(args, block=block):
-                    return {"img": block(args["img"], args["vec"])}
-
-                extra = {"original_block": original_block, "transformer_options": transformer_options}
-                tokens = replace[("block", i)]({"img": tokens, "vec": c}, extra)["img"]
-            else:
-                tokens = block(tokens, c)
+        for block in self.blocks:
+            tokens = block(tokens, c)
         return self.head(tokens, c, x.shape[-2], x.shape[-1])
 
 

@@ -1,0 +1,133 @@
+"""Few-step samplers and schedules as native SAMPLER / SIGMAS, for every model family the host runs.
+
+The samplers live in fastgen_core.sampling and work in the host's own x-space through
+alpha(sigma); here alpha comes from the model's own `model_sampling.noise_scaling`
+(alpha = noise_scaling(sigma, noise=0, x0=1): 1 - sigma for flow models, 1 for eps / v), so the
+same SAMPLER re-noises correctly on Wan, Flux, SDXL and our embedded models.
+"""
+
+from __future__ import annotations
+
+import comfy.model_sampling
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..fastgen_core import sampling
+
+METHODS = {
+    "multistep_sde": "DMD2 / LCM / consistency students: predict x0, re-noise with fresh noise",
+    "multistep_ode": "DDIM / flow-map jump: re-noise with the predicted noise (deterministic)",
+    "tcd": "TCD: partial re-noising with gamma (1 = LCM, 0 = DDIM)",
+    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second order, beats Euler at 8-12 steps",
+    "euler": "Euler for teachers (the reference first-order ODE solver)",
+}
+
+
+def host_alpha(model_sampling):
+    """alpha(sigma) of a host model: the weight of x0 in the host's own noise scaling."""
+
+    def alpha(sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
+        return model_sampling.noise_scaling(sigma, torch.zeros(1), torch.ones(1)).reshape(())
+
+    return alpha
+
+
+def host_timestep_to_sigma(model_sampling, timestep: float) -> torch.Tensor:
+    """Sigma for a timestep in the usual 0..1000 training convention, through the model's own
+    model_sampling: discrete (eps / v) models index their sigma table; flow models scale t / 1000
+    by their `multiplier` (1000 for Wan / SD3, 1 for Chroma and our embedded models); Flux-style
+    samplings take t / 1000 directly."""
+    t = torch.tensor(float(timestep))
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return model_sampling.sigma(t)
+    return model_sampling.sigma(t / 1000.0 * getattr(model_sampling, "multiplier", 1.0))
+
+
+def sampler_function(method: str, gamma: float):
+    if method not in METHODS:
+        raise ValueError(f"unknown few-step method {method!r}; choose one of {sorted(METHODS)}")
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = {} if extra_args is None else extra_args
+        model_sampling = model.inner_model.inner_model.model_sampling
+        alpha = host_alpha(model_sampling)
+        s_in = x.new_ones([x.shape[0]])
+
+        def denoiser(x, sigma):
+            return model(x, sigma * s_in, **extra_args)
+
+        seed = extra_args.get("seed")
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        if method == "euler":
+            return sampling.sample_euler(denoiser, x, sigmas, callback=callback)
+        if method == "dpmpp_2m":
+            return sampling.sample_dpmpp_2m(denoiser, x, sigmas, callback=callback, alpha=alpha)
+        if method == "tcd":
+            def sigma_at(sigma, fraction):
+                if fraction <= 0:
+                    return 0.0
+                return model_sampling.sigma(model_sampling.timestep(sigma.reshape(1)) * fraction).reshape(())
+
+            return sampling.sample_tcd(denoiser, x, sigmas, gamma=gamma, generator=generator, callback=callback,
+                                       alpha=alpha, sigma_at=sigma_at)
+        noise = "sde" if method == "multistep_sde" else "ode"
+        return sampling.sample_multistep(denoiser, x, sigmas, noise=noise, generator=generator, callback=callback, alpha=alpha)
+
+    return sample
+
+
+class FastGenSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenSampler",
+            display_name="FastGen Few-Step Sampler",
+            category="FastGen/sampling",
+            description="Samplers for distilled students (DMD2, LCM/TCD, consistency / flow-map) and a fast solver "
+            "for teachers, as a SAMPLER for SamplerCustom / SamplerCustomAdvanced. Correct for flow, eps and v models.",
+            inputs=[
+                io.Combo.Input("method", options=list(METHODS), default="multistep_sde",
+                               tooltip="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="tcd only: how much fresh noise each step adds (1 = LCM, 0 = deterministic DDIM)."),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, method: str, gamma: float) -> io.NodeOutput:
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sampler_function(method, gamma)))
+
+
+class FastGenSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenSigmas",
+            display_name="FastGen Timestep Sigmas",
+            category="FastGen/sampling",
+            description="SIGMAS for an explicit timestep list (e.g. a distilled student's 999, 749, 499, 249), "
+            "converted through the model's own model_sampling (discrete table or shifted flow).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose noise schedule converts the timesteps."),
+                io.String.Input("timesteps", default="999, 749, 499, 249",
+                                tooltip="Decreasing training timesteps in 0..1000, separated by commas or spaces."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, timesteps: str, **kwargs):
+        try:
+            sampling.parse_timesteps(timesteps)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, model, timesteps: str) -> io.NodeOutput:
+        model_sampling = model.get_model_object("model_sampling")
+        values = sampling.parse_timesteps(timesteps)
+        return io.NodeOutput(sampling.sigmas_from_timesteps(values, lambda t: host_timestep_to_sigma(model_sampling, t)))
