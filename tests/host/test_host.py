@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_host import PACK_NAME, REPO
+from prompts import basic_scheduler, custom_sampler_prompt, images, load_workflow, read_png, teacher_prompt
 from workflow_api import missing_node_types, ui_to_api
 
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
@@ -23,17 +24,6 @@ def pack_node_ids():
             if isinstance(node, ast.keyword) and node.arg == "node_id" and isinstance(node.value, ast.Constant):
                 ids.append(node.value.value)
     return sorted(ids)
-
-
-def load_workflow(name):
-    with open(os.path.join(REPO, "workflows", name)) as f:
-        return json.load(f)
-
-
-def read_png(path):
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
 
 
 def test_every_node_registers_without_import_errors(comfy, object_info):
@@ -97,63 +87,39 @@ def test_teacher_workflow_draws_the_requested_digits(comfy, object_info):
     prompt = ui_to_api(load_workflow("embedded_teacher.json"), object_info)
     files = sorted(comfy.output_files(comfy.run_prompt(prompt)))
     assert len(files) == 10
-    images = torch.tensor(np.stack([read_png(p) for p in files]))[:, None]  # [10, 1, 32, 32]
-    predicted = predict(load_classifier(), images[..., 2:-2, 2:-2])
+    drawn = torch.tensor(np.stack([read_png(p) for p in files]))[:, None]  # [10, 1, 32, 32]
+    predicted = predict(load_classifier(), drawn[..., 2:-2, 2:-2])
     correct = (predicted == torch.arange(10)).sum().item()
     assert correct >= 9, f"teacher drew {predicted.tolist()} for digits 0..9"
 
 
-def _sampler_prompt(object_info, seed=7):
-    prompt = ui_to_api(load_workflow("embedded_teacher.json"), object_info)
-    ids = {v["class_type"]: k for k, v in prompt.items()}
-    prompt[ids["KSampler"]]["inputs"].update(seed=seed, steps=8)
-    prompt[ids["FastGenDigitConditioning"]]["inputs"]["digits"] = "3"
-    prompt[ids["EmptyChromaRadianceLatentImage"]]["inputs"]["batch_size"] = 2
-    prompt[ids["SaveImage"]]["class_type"] = "PreviewImage"
-    prompt[ids["SaveImage"]]["inputs"].pop("filename_prefix")
-    return prompt, ids
-
-
-def _images(comfy, prompt):
-    return np.stack([read_png(p) for p in sorted(comfy.output_files(comfy.run_prompt(prompt)))])
-
-
 def test_same_seed_same_image_and_lora_changes_it(comfy, object_info):
-    prompt, ids = _sampler_prompt(object_info)
-    base = _images(comfy, prompt)
-    again = _images(comfy, copy.deepcopy(prompt))
+    prompt, ids = teacher_prompt(object_info)
+    base = images(comfy, prompt)
+    again = images(comfy, copy.deepcopy(prompt))
     assert np.array_equal(base, again), "the same seed gave different images"
 
     lora = copy.deepcopy(prompt)
     lora["100"] = {"class_type": "LoraLoaderModelOnly",
                    "inputs": {"model": [ids["FastGenLoadModel"], 0], "lora_name": "digit_test_lora.safetensors", "strength_model": 1.0}}
     lora[ids["KSampler"]]["inputs"]["model"] = ["100", 0]
-    with_lora = _images(comfy, lora)
+    with_lora = images(comfy, lora)
     assert np.abs(with_lora - base).mean() > 0.01, "the host's LoraLoader had no effect on the FastGen model"
 
 
 def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, object_info):
     # cfg 1: one cond chunk per model call. The host's EasyCache (v0.3.64) adds each chunk's cached
     # diff to the whole batch, so with cond and uncond batched together it breaks on any model.
-    prompt, ids = _sampler_prompt(object_info)
-    prompt[ids["KSampler"]]["inputs"]["cfg"] = 1.0
-    base = _images(comfy, prompt)
-    model = [ids["FastGenLoadModel"], 0]
-    custom = {k: copy.deepcopy(v) for k, v in prompt.items() if v["class_type"] != "KSampler"}
-    custom.update({
-        "101": {"class_type": "EasyCache", "inputs": {"model": model, "reuse_threshold": 0.2, "start_percent": 0.15,
-                                                      "end_percent": 0.95, "verbose": False}},
-        "102": {"class_type": "CFGGuider", "inputs": {"model": ["101", 0], "positive": [ids["FastGenDigitConditioning"], 0],
-                                                      "negative": [ids["FastGenDigitConditioning"], 1], "cfg": 1.0}},
-        "103": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "104": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": 8, "denoise": 1.0}},
-        "105": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "106": {"class_type": "SamplerCustomAdvanced",
-                "inputs": {"noise": ["105", 0], "guider": ["102", 0], "sampler": ["103", 0], "sigmas": ["104", 0],
-                           "latent_image": [ids["EmptyChromaRadianceLatentImage"], 0]}},
-    })
-    custom[ids["VAEDecode"]]["inputs"]["samples"] = ["106", 0]
-    cached = _images(comfy, custom)
+    prompt, ids = teacher_prompt(object_info, cfg=1.0)
+    base = images(comfy, prompt)
+
+    def easycache(model):
+        return {"class_type": "EasyCache", "inputs": {"model": model, "reuse_threshold": 0.2, "start_percent": 0.15,
+                                                      "end_percent": 0.95, "verbose": False}}
+
+    custom = custom_sampler_prompt(prompt, ids, {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+                                   basic_scheduler(8), cfg=1.0, model_patch=easycache)
+    cached = images(comfy, custom)
     assert cached.shape == base.shape
     skipped = [line for line in comfy.log().splitlines() if "EasyCache - skipped" in line]
     assert skipped and not skipped[-1].startswith("EasyCache - skipped 0/"), skipped
@@ -162,7 +128,7 @@ def test_easycache_and_sampler_custom_advanced_run_on_the_native_model(comfy, ob
 
 
 def test_sampling_shows_progress_and_previews_on_the_page(comfy, object_info):
-    prompt, ids = _sampler_prompt(object_info, seed=11)
+    prompt, ids = teacher_prompt(object_info, seed=11)
     _, events, previews = comfy.run_prompt_watching(prompt)
     progress = [e["data"] for e in events if e.get("type") == "progress" and e["data"].get("node") == ids["KSampler"]]
     assert [p["value"] for p in progress][-1] == 8 and all(p["max"] == 8 for p in progress), progress
@@ -170,7 +136,7 @@ def test_sampling_shows_progress_and_previews_on_the_page(comfy, object_info):
 
 
 def test_bad_digits_are_rejected_with_a_clear_message(comfy, object_info):
-    prompt, ids = _sampler_prompt(object_info)
+    prompt, ids = teacher_prompt(object_info)
     prompt[ids["FastGenDigitConditioning"]]["inputs"]["digits"] = "12x"
     status, body = comfy.post("/prompt", {"prompt": prompt})
     assert status == 400

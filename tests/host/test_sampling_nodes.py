@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_host import find_comfyui
+from prompts import basic_scheduler, custom_sampler_prompt, images, teacher_prompt
 
 from fastgen_core import sampling
 
@@ -69,51 +70,28 @@ def test_timestep_to_sigma_matches_the_hosts_model_sampling():
     assert host["flux_shift_1.15"]["node"][0] > 0.99 and host["flux_shift_1.15"]["node"][-1] == 0.0
 
 
-def _custom_prompt(object_info, method, steps_node):
-    from test_host import _sampler_prompt
-
-    prompt, ids = _sampler_prompt(object_info, seed=5)
-    model = [ids["FastGenLoadModel"], 0]
-    custom = {k: v for k, v in prompt.items() if v["class_type"] != "KSampler"}
-    custom.update({
-        "102": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": [ids["FastGenDigitConditioning"], 0],
-                                                      "negative": [ids["FastGenDigitConditioning"], 1], "cfg": 3.0}},
-        "103": {"class_type": "FastGenSampler", "inputs": {"method": method, "gamma": 0.3}},
-        "104": steps_node(model),
-        "105": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
-        "106": {"class_type": "SamplerCustomAdvanced",
-                "inputs": {"noise": ["105", 0], "guider": ["102", 0], "sampler": ["103", 0], "sigmas": ["104", 0],
-                           "latent_image": [ids["EmptyChromaRadianceLatentImage"], 0]}},
-    })
-    custom[ids["VAEDecode"]] = dict(custom[ids["VAEDecode"]], inputs=dict(custom[ids["VAEDecode"]]["inputs"], samples=["106", 0]))
-    custom[ids["FastGenDigitConditioning"]] = dict(custom[ids["FastGenDigitConditioning"]], inputs={"digits": "0123456789"})
-    custom[ids["EmptyChromaRadianceLatentImage"]]["inputs"] = dict(custom[ids["EmptyChromaRadianceLatentImage"]]["inputs"], batch_size=10)
-    return custom
+def digits_prompt(object_info, method, sigmas):
+    prompt, ids = teacher_prompt(object_info, seed=5, digits="0123456789", batch_size=10)
+    sampler = {"class_type": "FastGenSampler", "inputs": {"method": method, "gamma": 0.3}}
+    return custom_sampler_prompt(prompt, ids, sampler, sigmas, cfg=3.0, seed=5)
 
 
 @pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "dpmpp_2m", "euler"])
 def test_every_method_draws_digits_through_sampler_custom_advanced(comfy, object_info, method):
-    from test_host import _images
-
     from fastgen_core.eval import load_classifier, predict
 
-    def scheduler(model):
-        return {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": 12, "denoise": 1.0}}
-
-    images = _images(comfy, _custom_prompt(object_info, method, scheduler))
-    predicted = predict(load_classifier(), torch.tensor(images)[:, None, 2:-2, 2:-2])
+    drawn = images(comfy, digits_prompt(object_info, method, basic_scheduler(12)))
+    predicted = predict(load_classifier(), torch.tensor(drawn)[:, None, 2:-2, 2:-2])
     assert (predicted == torch.arange(10)).sum().item() >= 8, (method, predicted.tolist())
 
 
 def test_timestep_sigmas_node_runs_and_converts_through_the_model(comfy, object_info):
-    from test_host import _images
-
     def timesteps(model):
         return {"class_type": "FastGenSigmas", "inputs": {"model": model, "timesteps": "999, 749, 499, 249"}}
 
-    images = _images(comfy, _custom_prompt(object_info, "multistep_ode", timesteps))
-    assert images.shape == (10, 32, 32) and np.isfinite(images).all()
-    prompt = _custom_prompt(object_info, "multistep_ode", timesteps)
+    drawn = images(comfy, digits_prompt(object_info, "multistep_ode", timesteps))
+    assert drawn.shape == (10, 32, 32) and np.isfinite(drawn).all()
+    prompt = digits_prompt(object_info, "multistep_ode", timesteps)
     prompt["104"]["inputs"]["timesteps"] = "249, 999"
     status, body = comfy.post("/prompt", {"prompt": prompt})
     assert status == 400 and "decrease" in json.dumps(body)

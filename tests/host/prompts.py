@@ -1,0 +1,71 @@
+"""API prompts the host tests build from the shared embedded-teacher workflow."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+from comfy_host import REPO
+from workflow_api import ui_to_api
+
+
+def load_workflow(name):
+    with open(os.path.join(REPO, "workflows", name)) as f:
+        return json.load(f)
+
+
+def read_png(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+
+
+def images(comfy, prompt):
+    """Run a prompt; its output images as [N, H, W] grey arrays in 0..1, in batch order."""
+    return np.stack([read_png(p) for p in sorted(comfy.output_files(comfy.run_prompt(prompt)))])
+
+
+def teacher_prompt(object_info, seed=7, digits="3", batch_size=2, steps=8, cfg=3.0):
+    """The embedded-teacher workflow as an API prompt, previewing instead of saving; returns the
+    prompt and {class_type: node id}."""
+    prompt = ui_to_api(load_workflow("embedded_teacher.json"), object_info)
+    ids = {v["class_type"]: k for k, v in prompt.items()}
+    prompt[ids["KSampler"]]["inputs"].update(seed=seed, steps=steps, cfg=cfg)
+    prompt[ids["FastGenDigitConditioning"]]["inputs"]["digits"] = digits
+    prompt[ids["EmptyChromaRadianceLatentImage"]]["inputs"]["batch_size"] = batch_size
+    prompt[ids["SaveImage"]]["class_type"] = "PreviewImage"
+    prompt[ids["SaveImage"]]["inputs"].pop("filename_prefix")
+    return prompt, ids
+
+
+def custom_sampler_prompt(prompt, ids, sampler, sigmas, cfg=3.0, seed=7, model_patch=None):
+    """Replace the KSampler of a teacher prompt by CFGGuider + SamplerCustomAdvanced.
+    `sampler` and `sigmas` are node dicts; `sigmas(model)` builds one from the model link;
+    `model_patch(model)`, if given, is a MODEL -> MODEL node put in front of the guider."""
+    custom = {k: copy.deepcopy(v) for k, v in prompt.items() if v["class_type"] != "KSampler"}
+    model = [ids["FastGenLoadModel"], 0]
+    guided_model = model
+    if model_patch is not None:
+        custom["101"] = model_patch(model)
+        guided_model = ["101", 0]
+    cond = ids["FastGenDigitConditioning"]
+    custom.update({
+        "102": {"class_type": "CFGGuider", "inputs": {"model": guided_model, "positive": [cond, 0], "negative": [cond, 1], "cfg": cfg}},
+        "103": sampler,
+        "104": sigmas(model),
+        "105": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "106": {"class_type": "SamplerCustomAdvanced",
+                "inputs": {"noise": ["105", 0], "guider": ["102", 0], "sampler": ["103", 0], "sigmas": ["104", 0],
+                           "latent_image": [ids["EmptyChromaRadianceLatentImage"], 0]}},
+    })
+    custom[ids["VAEDecode"]]["inputs"]["samples"] = ["106", 0]
+    return custom
+
+
+def basic_scheduler(steps):
+    def build(model):
+        return {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": steps, "denoise": 1.0}}
+
+    return build
