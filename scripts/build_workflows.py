@@ -76,7 +76,39 @@ def embedded_teacher() -> Graph:
     return g
 
 
-WORKFLOW_BUILDERS = {"embedded_teacher.json": embedded_teacher}
+def embedded_fast_solver() -> Graph:
+    """The teacher in 8 steps: FastGen Few-Step Sampler (dpmpp_2m) through SamplerCustomAdvanced."""
+    g = Graph()
+    model = g.node("FastGenLoadModel", ["embedded/digit_teacher.safetensors"], outputs=[("MODEL", "MODEL")], pos=(40, 60))
+    cond = g.node("FastGenDigitConditioning", ["0123456789"],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 220))
+    latent = g.node("EmptyChromaRadianceLatentImage", [32, 32, 10], outputs=[("LATENT", "LATENT")], pos=(40, 380))
+    guider = g.node("CFGGuider", [3.0], inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                    outputs=[("GUIDER", "GUIDER")], pos=(420, 60), size=(280, 100))
+    sampler = g.node("FastGenSampler", ["dpmpp_2m", 0.3], outputs=[("SAMPLER", "SAMPLER")], pos=(420, 200), size=(280, 90))
+    sigmas = g.node("BasicScheduler", ["simple", 8, 1.0], inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
+                    pos=(420, 330), size=(280, 110))
+    noise = g.node("RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], pos=(420, 480), size=(280, 80))
+    run_inputs = [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")]
+    run = g.node("SamplerCustomAdvanced", inputs=run_inputs,
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(740, 60), size=(260, 140))
+    vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=(740, 260))
+    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                    pos=(1040, 60), size=(200, 50))
+    save = g.node("SaveImage", ["fastgen/digits_8_steps"], inputs=[("images", "IMAGE")], pos=(1040, 160), size=(400, 300))
+    g.link(model, 0, guider, "model")
+    g.link(cond, 0, guider, "positive")
+    g.link(cond, 1, guider, "negative")
+    g.link(model, 0, sigmas, "model")
+    for src, name in ((noise, "noise"), (guider, "guider"), (sampler, "sampler"), (sigmas, "sigmas"), (latent, "latent_image")):
+        g.link(src, 0, run, name)
+    g.link(run, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return g
+
+
+WORKFLOW_BUILDERS = {"embedded_teacher.json": embedded_teacher, "embedded_fast_solver.json": embedded_fast_solver}
 
 if __name__ == "__main__":
     for name, build in WORKFLOW_BUILDERS.items():
