@@ -19,7 +19,7 @@ METHODS = {
     "multistep_sde": "DMD2 / LCM / consistency students: predict x0, re-noise with fresh noise",
     "multistep_ode": "DDIM / flow-map jump: re-noise with the predicted noise (deterministic)",
     "tcd": "TCD: partial re-noising with gamma (1 = LCM, 0 = DDIM)",
-    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second order, beats Euler at 8-12 steps",
+    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second-order multistep ODE solver",
     "euler": "Euler for teachers (the reference first-order ODE solver)",
 }
 
