@@ -155,29 +155,6 @@ def sample_dpmpp_2m(denoiser, x, sigmas, callback=None, alpha=flow_alpha):
 
 
 @torch.no_grad()
-def sample_multistep(denoiser, x, sigmas, noise="sde", generator=None, callback=None, alpha=flow_alpha):
-    """DMD / consistency-style multistep sampling: predict x0 at each sigma, then re-noise it to the
-    next sigma, x = alpha(s') * x0 + s' * n, with
-
-    - noise="sde": fresh Gaussian noise n (DMD2's default, multistep consistency models);
-    - noise="ode": the noise the model implies, n = (x - alpha(s) x0) / s (a deterministic DDIM /
-      flow-map jump: the same output for the same initial noise).
-    """
-    if noise not in ("sde", "ode"):
-        raise ValueError(f"noise must be 'sde' or 'ode', got {noise!r}")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            n = _noise_like(x, generator) if noise == "sde" else predicted_noise(x, sigma, denoised, alpha)
-            x = alpha(sigma_next) * denoised + sigma_next * n
-        _report(callback, i, x, sigma, denoised)
-    return x
-
-
-@torch.no_grad()
 def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, alpha=flow_alpha, sigma_at=None):
     """Trajectory-consistent sampling (TCD, Zheng et al. 2024) with stochasticity gamma in [0, 1].
 
@@ -202,6 +179,23 @@ def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, al
             # forward diffusion from s to sigma_next: scale by the alpha ratio, add the missing variance
             ratio = alpha(sigma_next) / alpha(sigma_s)
             fresh = (sigma_next**2 - (ratio * sigma_s) ** 2).clamp(min=0).sqrt()
-            x = ratio * x_s + fresh * _noise_like(x, generator)
+            x = ratio * x_s
+            if fresh > 0:  # gamma = 0 lands on sigma_next already: no noise to add (or to draw)
+                x = x + fresh * _noise_like(x, generator)
         _report(callback, i, x, sigma, denoised)
     return x
+
+
+def sample_multistep(denoiser, x, sigmas, noise="sde", generator=None, callback=None, alpha=flow_alpha):
+    """DMD / consistency-style multistep sampling: predict x0 at each sigma, then re-noise it to the
+    next sigma, x = alpha(s') * x0 + s' * n, with
+
+    - noise="sde": fresh Gaussian noise n (DMD2's default, multistep consistency models);
+    - noise="ode": the noise the model implies, n = (x - alpha(s) x0) / s (a deterministic DDIM /
+      flow-map jump: the same output for the same initial noise).
+
+    These are TCD's two ends, gamma = 1 and gamma = 0, so that one loop serves all three.
+    """
+    if noise not in ("sde", "ode"):
+        raise ValueError(f"noise must be 'sde' or 'ode', got {noise!r}")
+    return sample_tcd(denoiser, x, sigmas, gamma=1.0 if noise == "sde" else 0.0, generator=generator, callback=callback, alpha=alpha)

@@ -66,8 +66,11 @@ def sampler_function(method: str, gamma: float):
             return sampling.sample_dpmpp_2m(denoiser, x, sigmas, callback=callback, alpha=alpha)
         if method == "tcd":
             def sigma_at(sigma, fraction):
+                # the ends exactly: discrete models' timestep() rounds to a table index
                 if fraction <= 0:
                     return 0.0
+                if fraction >= 1:
+                    return sigma
                 return model_sampling.sigma(model_sampling.timestep(sigma.reshape(1)) * fraction).reshape(())
 
             return sampling.sample_tcd(denoiser, x, sigmas, gamma=gamma, generator=generator, callback=callback,
