@@ -50,39 +50,47 @@ class Graph:
         }
 
 
-def embedded_teacher() -> Graph:
-    """Load the embedded digit teacher -> condition on digits -> KSampler -> pixel decode -> save."""
-    g = Graph()
+def digit_inputs(g: Graph):
+    """The front every embedded-image workflow shares: the teacher, the digits, a 32x32 latent batch of 10."""
     model = g.node("FastGenLoadModel", ["embedded/digit_teacher.safetensors"], outputs=[("MODEL", "MODEL")], pos=(40, 60))
     cond = g.node("FastGenDigitConditioning", ["0123456789"],
                   outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 220))
     latent = g.node("EmptyChromaRadianceLatentImage", [32, 32, 10], outputs=[("LATENT", "LATENT")], pos=(40, 380))
+    return model, cond, latent
+
+
+def pixel_decode_and_save(g: Graph, samples_node: int, prefix: str, vae_pos, decode_x: int):
+    """The back they share: the host's pixel-space VAE, VAE Decode, Save Image."""
+    vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=vae_pos)
+    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                    pos=(decode_x, 60), size=(200, 50))
+    save = g.node("SaveImage", [prefix], inputs=[("images", "IMAGE")], pos=(decode_x, 160), size=(400, 300))
+    g.link(samples_node, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+
+
+def embedded_teacher() -> Graph:
+    """Load the embedded digit teacher -> condition on digits -> KSampler -> pixel decode -> save."""
+    g = Graph()
+    model, cond, latent = digit_inputs(g)
     sampler = g.node(
         "KSampler", [42, "fixed", 32, 3.0, "euler", "simple", 1.0],
         inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         outputs=[("LATENT", "LATENT")], pos=(420, 60), size=(320, 270),
     )
-    vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=(420, 380))
-    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                    pos=(800, 60), size=(200, 50))
-    save = g.node("SaveImage", ["fastgen/digits"], inputs=[("images", "IMAGE")], pos=(800, 160), size=(400, 300))
     g.link(model, 0, sampler, "model")
     g.link(cond, 0, sampler, "positive")
     g.link(cond, 1, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    g.link(sampler, 0, decode, "samples")
-    g.link(vae, 0, decode, "vae")
-    g.link(decode, 0, save, "images")
+    pixel_decode_and_save(g, sampler, "fastgen/digits", vae_pos=(420, 380), decode_x=800)
     return g
 
 
 def embedded_fast_solver() -> Graph:
     """The teacher in 8 steps: FastGen Few-Step Sampler (dpmpp_2m) through SamplerCustomAdvanced."""
     g = Graph()
-    model = g.node("FastGenLoadModel", ["embedded/digit_teacher.safetensors"], outputs=[("MODEL", "MODEL")], pos=(40, 60))
-    cond = g.node("FastGenDigitConditioning", ["0123456789"],
-                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 220))
-    latent = g.node("EmptyChromaRadianceLatentImage", [32, 32, 10], outputs=[("LATENT", "LATENT")], pos=(40, 380))
+    model, cond, latent = digit_inputs(g)
     guider = g.node("CFGGuider", [3.0], inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                     outputs=[("GUIDER", "GUIDER")], pos=(420, 60), size=(280, 100))
     sampler = g.node("FastGenSampler", ["dpmpp_2m", 0.3], outputs=[("SAMPLER", "SAMPLER")], pos=(420, 200), size=(280, 90))
@@ -92,19 +100,13 @@ def embedded_fast_solver() -> Graph:
     run_inputs = [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")]
     run = g.node("SamplerCustomAdvanced", inputs=run_inputs,
                  outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(740, 60), size=(260, 140))
-    vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=(740, 260))
-    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                    pos=(1040, 60), size=(200, 50))
-    save = g.node("SaveImage", ["fastgen/digits_8_steps"], inputs=[("images", "IMAGE")], pos=(1040, 160), size=(400, 300))
     g.link(model, 0, guider, "model")
     g.link(cond, 0, guider, "positive")
     g.link(cond, 1, guider, "negative")
     g.link(model, 0, sigmas, "model")
     for src, name in ((noise, "noise"), (guider, "guider"), (sampler, "sampler"), (sigmas, "sigmas"), (latent, "latent_image")):
         g.link(src, 0, run, name)
-    g.link(run, 0, decode, "samples")
-    g.link(vae, 0, decode, "vae")
-    g.link(decode, 0, save, "images")
+    pixel_decode_and_save(g, run, "fastgen/digits_8_steps", vae_pos=(740, 260), decode_x=1040)
     return g
 
 
