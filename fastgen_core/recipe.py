@@ -25,8 +25,12 @@ class Recipe:
     shift: float = 1.0
     timesteps: list[int] | None = None
     sigmas: list[float] | None = None
+    scheduler: str | None = None  # the host scheduler that spaces `steps` when no timesteps/sigmas are given
+    gamma: float | None = None  # TCD's share of fresh noise per step
+    lora_strength: float | None = None  # for LoRA students whose authors document a strength other than 1
     method: str = "teacher"  # "teacher", "dmd2", "lcm", ...
     teacher: str | None = None
+    source: str | None = None  # where the recipe comes from (model card URL for public students)
     version: int = RECIPE_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -37,6 +41,8 @@ class Recipe:
             raise ValueError(f"recipe steps must be a positive integer, got {self.steps!r}")
         if self.cfg < 0 or self.shift <= 0:
             raise ValueError(f"recipe cfg must be >= 0 and shift > 0, got cfg={self.cfg} shift={self.shift}")
+        if self.gamma is not None and not 0 <= self.gamma <= 1:
+            raise ValueError(f"recipe gamma must be in [0, 1], got {self.gamma}")
         for name in ("timesteps", "sigmas"):
             values = getattr(self, name)
             if values is not None and len(values) != self.steps:

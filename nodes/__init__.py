@@ -3,5 +3,9 @@
 from .conditioning import FastGenDigitConditioning
 from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
+from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
 
-NODES = [FastGenLoadModel, FastGenDigitConditioning, FastGenSampler, FastGenSigmas]
+NODES = [
+    FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
+    FastGenSampler, FastGenSigmas, FastGenStudentSampler,
+]

@@ -8,12 +8,12 @@ same SAMPLER re-noises correctly on Wan, Flux, SDXL and our embedded models.
 
 from __future__ import annotations
 
-import comfy.model_sampling
 import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..fastgen_core import sampling
+from .adapters.recipes import host_alpha, host_timestep_to_sigma, model_recipe, recipe_sigmas
 
 METHODS = {
     "multistep_sde": "DMD2 / LCM / consistency students: predict x0, re-noise with fresh noise",
@@ -22,27 +22,6 @@ METHODS = {
     "dpmpp_2m": "DPM-Solver++(2M) for teachers: second-order multistep ODE solver",
     "euler": "Euler for teachers (the reference first-order ODE solver)",
 }
-
-
-def host_alpha(model_sampling):
-    """alpha(sigma) of a host model: the weight of x0 in the host's own noise scaling."""
-
-    def alpha(sigma):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
-        return model_sampling.noise_scaling(sigma, torch.zeros(1), torch.ones(1)).reshape(())
-
-    return alpha
-
-
-def host_timestep_to_sigma(model_sampling, timestep: float) -> torch.Tensor:
-    """Sigma for a timestep in the usual 0..1000 training convention, through the model's own
-    model_sampling: discrete (eps / v) models index their sigma table; flow models scale t / 1000
-    by their `multiplier` (1000 for Wan / SD3, 1 for Chroma and our embedded models); Flux-style
-    samplings take t / 1000 directly."""
-    t = torch.tensor(float(timestep))
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        return model_sampling.sigma(t)
-    return model_sampling.sigma(t / 1000.0 * getattr(model_sampling, "multiplier", 1.0))
 
 
 def sampler_function(method: str, gamma: float):
@@ -111,10 +90,15 @@ class FastGenSigmas(io.ComfyNode):
             node_id="FastGenSigmas",
             display_name="FastGen Timestep Sigmas",
             category="FastGen/sampling",
-            description="SIGMAS for an explicit timestep list (e.g. a distilled student's 999, 749, 499, 249), "
-            "converted through the model's own model_sampling (discrete table or shifted flow).",
+            description="SIGMAS for an explicit timestep list (e.g. a distilled student's 999, 749, 499, 249) or for "
+            "the recipe the model was loaded with, converted through the model's own model_sampling "
+            "(discrete table or shifted flow).",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose noise schedule converts the timesteps."),
+                io.Combo.Input("source", options=["timesteps", "recipe"], default="timesteps",
+                               tooltip="timesteps: the list below. recipe: the student's own schedule, from the recipe a "
+                               "FastGen loader attached to the model (its shift is not applied here: use the Student KSampler "
+                               "or ModelSamplingSD3 for that)."),
                 io.String.Input("timesteps", default="999, 749, 499, 249",
                                 tooltip="Decreasing training timesteps in 0..1000, separated by commas or spaces."),
             ],
@@ -122,15 +106,22 @@ class FastGenSigmas(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, timesteps: str, **kwargs):
-        try:
-            sampling.parse_timesteps(timesteps)
-        except ValueError as err:
-            return str(err)
+    def validate_inputs(cls, timesteps: str, source: str = "timesteps", **kwargs):
+        if source == "timesteps":
+            try:
+                sampling.parse_timesteps(timesteps)
+            except ValueError as err:
+                return str(err)
         return True
 
     @classmethod
-    def execute(cls, model, timesteps: str) -> io.NodeOutput:
+    def execute(cls, model, timesteps: str, source: str = "timesteps") -> io.NodeOutput:
         model_sampling = model.get_model_object("model_sampling")
+        if source == "recipe":
+            recipe = model_recipe(model)
+            if recipe is None:
+                raise ValueError("FastGen Timestep Sigmas: this MODEL carries no recipe (load it with a FastGen loader, "
+                                 "or choose source 'timesteps' and type the student's timesteps).")
+            return io.NodeOutput(recipe_sigmas(model_sampling, recipe))
         values = sampling.parse_timesteps(timesteps)
         return io.NodeOutput(sampling.sigmas_from_timesteps(values, lambda t: host_timestep_to_sigma(model_sampling, t)))

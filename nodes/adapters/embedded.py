@@ -19,6 +19,7 @@ import torch
 
 from ...fastgen_core import checkpoint
 from ...fastgen_core.networks import NUM_CLASS_TOKENS, DigitDiT, DigitDiTConfig
+from .recipes import RECIPE_OPTION
 
 DIGIT_IMAGE_MODEL = "fastgen_digit_dit"
 
@@ -94,8 +95,10 @@ def load_digit_model(path: str) -> comfy.model_patcher.ModelPatcher:
     )
     manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
-    model_config.fastgen_recipe = recipe  # read by the recipe-aware nodes
 
     model = model_config.get_model(state_dict).to(offload_device)
     model.load_model_weights(state_dict, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    if recipe is not None:
+        patcher.model_options[RECIPE_OPTION] = recipe  # read by the recipe-aware nodes
+    return patcher
