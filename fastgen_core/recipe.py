@@ -8,6 +8,7 @@ loading any tensor.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 RECIPE_KEY = "fastgen.recipe"
@@ -66,3 +67,56 @@ class Recipe:
             return cls(**values, extra=extra)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: bad '{RECIPE_KEY}' ({err})") from None
+
+
+# ------------------------------------------------------------------ known public students
+
+
+@dataclass(frozen=True)
+class KnownStudent:
+    """A public distilled student and the recipe its authors document (`recipe.source`).
+
+    Identified by file name (`file_pattern`, a regex over the lower-cased name, as the authors or the
+    usual ComfyUI re-uploads distribute it) or, for full models, by a weight key that must be
+    present or absent (`key_rule`: FLUX schnell is FLUX without the guidance embedder).
+    """
+
+    name: str
+    kind: str  # "model" (full UNet / transformer) or "lora"
+    recipe: Recipe
+    file_pattern: str | None = None
+    key_rule: tuple[str, bool] | None = None
+
+
+def _families_compatible(student_family: str, family: str | None) -> bool:
+    if family is None:
+        return True
+    if student_family.startswith("wan") and family.startswith("wan"):
+        return True  # Wan 2.1 students (lightx2v, CausVid LoRAs) also serve Wan 2.2
+    return student_family == family
+
+
+def identify_student(filename: str, keys=(), family: str | None = None, kind: str | None = None) -> KnownStudent | None:
+    """The known student a file is, from its name first and then its keys; None when unknown."""
+    name = filename.lower()
+    candidates = [s for s in KNOWN_STUDENTS if (kind is None or s.kind == kind) and _families_compatible(s.recipe.family, family)]
+    for student in candidates:
+        if student.file_pattern and re.search(student.file_pattern, name):
+            return student
+    keys = list(keys)
+    for student in candidates:
+        if student.key_rule and family is not None:
+            fragment, present = student.key_rule
+            if any(fragment in k for k in keys) == present:
+                return student
+    return None
+
+
+KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
+    KnownStudent(
+        "lightx2v Wan 2.1 T2V 14B step + CFG distill LoRA", "lora",
+        Recipe(family="wan2.1", prediction="flow", steps=4, timesteps=[1000, 750, 500, 250], shift=5.0, cfg=1.0,
+               sampler="multistep_sde", method="dmd", source="https://huggingface.co/lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill"),
+        file_pattern=r"lightx2v.*(step|cfg).*distill|stepdistill",
+    ),
+)

@@ -48,6 +48,9 @@ _KOHYA_PREFIX = "lora_unet_"
 class StudentFileError(ValueError):
     """A student file that cannot be used, with the reason and the file named."""
 
+    # ComfyUI shows an error as "<module>.<class>: message"; the pack's install path is noise there.
+    __module__ = "fastgen"
+
 
 @dataclass
 class StudentFile:
@@ -248,7 +251,7 @@ _FAMILY_HINTS = (
     ("sdxl", ("label_emb.0.0", "input_blocks.4.1.transformer_blocks.1", "add_embedding.linear_1",
               "down_blocks.1.attentions.0.transformer_blocks.1")),
     ("sd15", ("input_blocks.1.1.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0", "input_blocks.0.0")),
-    ("fastgen-digits", ("class_embed", "final_ada", "blocks.0.ada")),
+    ("fastgen-digits", ("class_embed", "final_ada", "blocks.0.ada", "blocks.0.qkv", "blocks.0.fc1")),
 )
 
 

@@ -58,6 +58,8 @@ class ComfyServer:
         for sub in ("custom_nodes", "input", "output", "temp", "user", "models/diffusion_models", "models/loras", "models/vae"):
             os.makedirs(os.path.join(self.base, sub), exist_ok=True)
         os.symlink(REPO, os.path.join(self.base, "custom_nodes", PACK_NAME))
+        # test-only nodes (a text encoder's CONDITIONING for tiny models), never part of the pack
+        os.symlink(os.path.join(REPO, "tests", "host", "test_nodes"), os.path.join(self.base, "custom_nodes", "fastgen_test_nodes"))
         for folder, files in (extra_models or {}).items():
             for f in files:
                 shutil.copy(f, os.path.join(self.base, "models", folder))
@@ -175,7 +177,7 @@ class ComfyServer:
     def output_files(self, entry: dict) -> list[str]:
         paths = []
         for node_out in entry.get("outputs", {}).values():
-            for image in node_out.get("images", []):
+            for image in node_out.get("images", []) + node_out.get("latents", []):
                 folder = {"output": "output", "temp": "temp"}[image.get("type", "output")]
                 paths.append(os.path.join(self.base, folder, image.get("subfolder", ""), image["filename"]))
         return paths

@@ -27,10 +27,63 @@ def host_files(tmp_path_factory):
     save_file(lora, str(folder / "digit_test_lora.safetensors"))
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     save_file({"weight": torch.zeros(2, 2)}, str(folder / "foreign.safetensors"))
-    return {
+    files = {
         "loras": [str(folder / "digit_test_lora.safetensors")],
         "diffusion_models": [str(folder / "corrupt.safetensors"), str(folder / "foreign.safetensors")],
     }
+    for kind, paths in student_files(folder).items():
+        files.setdefault(kind, []).extend(paths)
+    return files
+
+
+# The recipe the tiny Wan student carries in its metadata (a lightx2v-like 4-step flow recipe).
+TINY_WAN_RECIPE = dict(family="wan2.1", prediction="flow", steps=4, timesteps=[1000, 750, 500, 250], shift=5.0, cfg=1.0,
+                       sampler="multistep_sde", method="dmd2")
+
+
+class _Payload:
+    """A pickle that would create `marker` when loaded: the loader must refuse it unrun."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def student_files(folder):
+    """Tiny real architectures (Wan 2.1, SD1.5) and their LoRAs in every key format, plus the bad
+    cases a student loader must refuse: a wrong-architecture and a wrong-size LoRA, a code pickle."""
+    import torch
+    from safetensors.torch import save_file
+    from tiny_models import lora_state_dict, save_safetensors, tiny_sd15_state_dict, tiny_wan_state_dict
+
+    from fastgen_core.recipe import RECIPE_KEY, Recipe
+
+    wan = tiny_wan_state_dict(seed=0)
+    models = [save_safetensors(wan, str(folder / "tiny_wan.safetensors")),
+              save_safetensors(tiny_sd15_state_dict(seed=0, dtype=torch.float16), str(folder / "tiny_sd15.safetensors"))]
+    student = str(folder / "tiny_wan_student.safetensors")
+    save_file({k: v.contiguous() for k, v in wan.items()}, student, metadata={RECIPE_KEY: Recipe(**TINY_WAN_RECIPE).to_json()})
+    models.append(student)
+    # a FastGen training checkpoint (.pth): {"model": {"net": net.* + net_ema.*}, "iteration": N}
+    ema = tiny_wan_state_dict(seed=1)
+    torch.save({"model": {"net": {**{f"net.{k}": v for k, v in wan.items()}, **{f"net_ema.{k}": v for k, v in ema.items()}}},
+                "iteration": 100}, str(folder / "tiny_wan_fastgen.pth"))
+    torch.save({"model": wan, "config": _Payload(str(folder / "payload-ran"))}, str(folder / "tiny_wan_pickled_code.pth"))
+    models += [str(folder / "tiny_wan_fastgen.pth"), str(folder / "tiny_wan_pickled_code.pth")]
+
+    sd15_keys = {k: v.shape for k, v in tiny_sd15_state_dict(seed=0).items()}
+    loras = []
+    for fmt in ("comfy", "peft", "kohya"):
+        loras.append(save_safetensors(lora_state_dict(wan, fmt, seed=1, std=0.2), str(folder / f"tiny_wan_lora_{fmt}.safetensors")))
+        loras.append(save_safetensors(lora_state_dict(sd15_keys, fmt, seed=1, prefix_filter="input_blocks"),
+                                      str(folder / f"tiny_sd15_lora_{fmt}.safetensors")))
+    loras.append(save_safetensors(lora_state_dict(tiny_wan_state_dict(dim=384), "comfy"), str(folder / "wan_dim384_lora.safetensors")))
+    # named as lightx2v distributes its LoRA: the loader must recognise it and attach that recipe
+    loras.append(save_safetensors(lora_state_dict(wan, "comfy", seed=2, std=0.2),
+                                  str(folder / "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors")))
+    return {"diffusion_models": models, "loras": loras}
 
 
 @pytest.fixture(scope="session")

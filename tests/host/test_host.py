@@ -34,7 +34,7 @@ def test_every_node_registers_without_import_errors(comfy, object_info):
     for i in ids:
         assert object_info[i]["category"].startswith("FastGen/"), i
         assert object_info[i]["description"], f"{i} has no description"
-    log = comfy.log()
+    log = comfy.log().split("got prompt")[0]  # start-up only: later tests provoke warnings on purpose
     assert f"Cannot import {comfy.base}" not in log and "IMPORT FAILED" not in log.split(PACK_NAME)[-1].split("\n")[0]
     lines = [line for line in log.splitlines() if PACK_NAME in line or "fastgen" in line.lower()]
     bad = [line for line in lines if any(w in line.lower() for w in ("error", "warning", "traceback", "failed"))]

@@ -1,0 +1,174 @@
+"""#3 in the real host: student loaders, the student LoRA loader and the Student KSampler on tiny
+real architectures (Wan 2.1 and SD1.5 built from synthetic state dicts), plus our SAMPLER / SIGMAS
+through SamplerCustomAdvanced on them."""
+
+import os
+
+import pytest
+import torch
+from conftest import TINY_WAN_RECIPE
+from safetensors.torch import load_file
+
+WAN = {"conditioning_width": 4096, "latent": {"class_type": "EmptyHunyuanLatentVideo",
+                                              "inputs": {"width": 32, "height": 32, "length": 1, "batch_size": 1}}}
+SD15 = {"conditioning_width": 768, "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+
+
+def graph(model_nodes: dict, model_link, family=WAN, sampler_node=None, seed=3):
+    """{id: node} for: model nodes -> sampler node (Student KSampler by default) -> SaveLatent."""
+    prompt = dict(model_nodes)
+    prompt["c1"] = {"class_type": "FastGenTestConditioning", "inputs": {"seed": 0, "tokens": 8, "width": family["conditioning_width"]}}
+    prompt["c2"] = {"class_type": "FastGenTestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": family["conditioning_width"]}}
+    prompt["l"] = family["latent"]
+    prompt["s"] = sampler_node or student_sampler(model_link)
+    prompt["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": "latents/fastgen"}}
+    return prompt
+
+
+def student_sampler(model_link, seed=3, steps=0, cfg=0.0, sampler="recipe", negative=False):
+    inputs = {"model": model_link, "positive": ["c1", 0], "latent_image": ["l", 0], "seed": seed, "steps": steps, "cfg": cfg,
+              "sampler": sampler, "scheduler": "recipe", "denoise": 1.0}
+    if negative:
+        inputs["negative"] = ["c2", 0]
+    return {"class_type": "FastGenStudentSampler", "inputs": inputs}
+
+
+def run_latent(comfy, prompt):
+    """Run a prompt; (the saved latent, the history entry)."""
+    entry = comfy.run_prompt(prompt)
+    [path] = [p for p in comfy.output_files(entry) if p.endswith(".latent")]
+    return load_file(path)["latent_tensor"], entry
+
+
+def node_text(entry, node_id):
+    return "\n".join(entry["outputs"].get(node_id, {}).get("text", []))
+
+
+def failure(comfy, prompt):
+    with pytest.raises(AssertionError) as err:
+        comfy.run_prompt(prompt)
+    return str(err.value)
+
+
+def load_student(name):
+    return {"m": {"class_type": "FastGenLoadStudent", "inputs": {"student_name": name}}}
+
+
+def unet(name):
+    return {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}}
+
+
+def test_student_loader_lists_students_and_reads_the_recipe_from_metadata(comfy, object_info):
+    options = object_info["FastGenLoadStudent"]["input"]["required"]["student_name"][1]["options"]
+    for name in ("tiny_wan_student.safetensors", "tiny_wan_fastgen.pth", "tiny_sd15.safetensors", "embedded/digit_teacher.safetensors"):
+        assert name in options
+    latent, entry = run_latent(comfy, graph(load_student("tiny_wan_student.safetensors"), ["m", 0]))
+    assert latent.shape == (1, 16, 1, 4, 4) and torch.isfinite(latent).all()
+    assert "from the file's fastgen.recipe metadata" in node_text(entry, "m")
+    assert "4 steps" in node_text(entry, "s") and "multistep_sde" in node_text(entry, "s")
+
+
+def test_student_ksampler_equals_the_same_recipe_built_from_stock_nodes(comfy):
+    """The one-node sampler applies shift, timesteps, sampler and cfg exactly as the stock graph would."""
+    ours, _ = run_latent(comfy, graph(load_student("tiny_wan_student.safetensors"), ["m", 0]))
+    stock = graph({
+        **unet("tiny_wan_student.safetensors"),
+        "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["m", 0], "shift": TINY_WAN_RECIPE["shift"]}},
+        "sig": {"class_type": "FastGenSigmas", "inputs": {"model": ["shift", 0], "source": "timesteps",
+                                                           "timesteps": ",".join(map(str, TINY_WAN_RECIPE["timesteps"]))}},
+        "smp": {"class_type": "FastGenSampler", "inputs": {"method": TINY_WAN_RECIPE["sampler"], "gamma": 0.3}},
+        "g": {"class_type": "CFGGuider", "inputs": {"model": ["shift", 0], "positive": ["c1", 0], "negative": ["c2", 0], "cfg": 1.0}},
+        "n": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+    }, None, sampler_node={"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["n", 0], "guider": ["g", 0], "sampler": ["smp", 0], "sigmas": ["sig", 0], "latent_image": ["l", 0]}})
+    theirs, _ = run_latent(comfy, stock)
+    torch.testing.assert_close(ours, theirs)
+    unshifted = dict(stock, sig=dict(stock["sig"], inputs=dict(stock["sig"]["inputs"], model=["m", 0])),
+                     g=dict(stock["g"], inputs=dict(stock["g"]["inputs"], model=["m", 0])))
+    assert not torch.allclose(ours, run_latent(comfy, unshifted)[0]), "the recipe's shift made no difference"
+
+
+def test_recipe_overrides_warn(comfy):
+    _, entry = run_latent(comfy, graph(load_student("tiny_wan_student.safetensors"), ["m", 0],
+                                       sampler_node=student_sampler(["m", 0], steps=6, cfg=3.0, negative=True)))
+    text = node_text(entry, "s")
+    assert "CFG-distilled" in text and "trained for 4 steps" in text
+    message = failure(comfy, graph(load_student("tiny_wan_student.safetensors"), ["m", 0],
+                                   sampler_node=student_sampler(["m", 0], cfg=3.0)))
+    assert "needs a negative conditioning" in message
+
+
+def test_fastgen_training_checkpoint_loads_its_ema_weights(comfy):
+    ema, _ = run_latent(comfy, graph(load_student("tiny_wan_fastgen.pth"), ["m", 0],
+                                     sampler_node=student_sampler(["m", 0], steps=2, cfg=1.0, sampler="euler")))
+    raw, _ = run_latent(comfy, graph(load_student("tiny_wan_student.safetensors"), ["m", 0],
+                                     sampler_node=student_sampler(["m", 0], steps=2, cfg=1.0, sampler="euler")))
+    assert torch.isfinite(ema).all() and not torch.allclose(ema, raw)  # net_ema (seed 1), not net (seed 0)
+
+
+def test_student_without_recipe_asks_for_settings(comfy):
+    prompt = graph(load_student("tiny_wan.safetensors"), ["m", 0])
+    message = failure(comfy, prompt)
+    assert "carries no recipe, so set steps, cfg, sampler" in message
+    latent, entry = run_latent(comfy, graph(load_student("tiny_wan.safetensors"), ["m", 0],
+                                            sampler_node=student_sampler(["m", 0], steps=2, cfg=1.0, sampler="euler")))
+    assert torch.isfinite(latent).all()
+    assert "no recipe found" in node_text(entry, "m")
+
+
+def test_code_pickle_is_refused_and_never_runs(comfy):
+    message = failure(comfy, graph(load_student("tiny_wan_pickled_code.pth"), ["m", 0]))
+    assert "refused to load" in message and "weights_only=True" in message
+    assert not os.path.exists(os.path.join(comfy.base, "payload-ran"))
+
+
+@pytest.mark.parametrize("family,model,prefix", [(WAN, "tiny_wan.safetensors", "tiny_wan"), (SD15, "tiny_sd15.safetensors", "tiny_sd15")])
+def test_lora_in_every_key_format_loads_completely(comfy, family, model, prefix):
+    def sampled(lora_nodes, link):
+        return run_latent(comfy, graph({**unet(model), **lora_nodes}, link, family,
+                                       sampler_node=student_sampler(link, steps=2, cfg=1.0, sampler="euler")))[0]
+
+    base = sampled({}, ["m", 0])
+    log_before = len(comfy.log())
+    for fmt in ("comfy", "peft", "kohya"):
+        lora = f"{prefix}_lora_{fmt}.safetensors"
+        ours = sampled({"lora": {"class_type": "FastGenLoadStudentLoRA",
+                                 "inputs": {"model": ["m", 0], "lora_name": lora, "strength": 1.0}}}, ["lora", 0])
+        stock = sampled({"lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["m", 0], "lora_name": lora,
+                                                                                   "strength_model": 1.0}}}, ["lora", 0])
+        assert not torch.allclose(ours, base), f"{fmt} LoRA changed nothing"
+        torch.testing.assert_close(ours, stock)
+    log = comfy.log()[log_before:]
+    assert "lora key not loaded" not in log and "ERROR lora" not in log and "NOT LOADED" not in log
+
+
+def test_wrong_loras_are_refused_with_the_reason(comfy):
+    def lora_on_wan(name):
+        return graph({**unet("tiny_wan.safetensors"),
+                      "lora": {"class_type": "FastGenLoadStudentLoRA", "inputs": {"model": ["m", 0], "lora_name": name, "strength": 1.0}}},
+                     ["lora", 0], sampler_node=student_sampler(["lora", 0], steps=1, cfg=1.0, sampler="euler"))
+
+    message = failure(comfy, lora_on_wan("digit_test_lora.safetensors"))
+    assert "does not fit this wan2.1 model" in message and "made for fastgen-digits" in message
+    message = failure(comfy, lora_on_wan("tiny_sd15_lora_kohya.safetensors"))
+    assert "does not fit" in message and "made for sd15" in message
+    message = failure(comfy, lora_on_wan("wan_dim384_lora.safetensors"))
+    assert "other sizes" in message and "384x384" in message
+
+
+@pytest.mark.parametrize("family,model", [(WAN, "tiny_wan.safetensors"), (SD15, "tiny_sd15.safetensors")])
+@pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "dpmpp_2m"])
+def test_our_sampler_and_sigmas_run_through_sampler_custom_advanced(comfy, family, model, method):
+    def sample(seed):
+        return run_latent(comfy, graph({
+            **unet(model),
+            "sig": {"class_type": "FastGenSigmas", "inputs": {"model": ["m", 0], "source": "timesteps", "timesteps": "999, 749, 499, 249"}},
+            "smp": {"class_type": "FastGenSampler", "inputs": {"method": method, "gamma": 0.3}},
+            "g": {"class_type": "CFGGuider", "inputs": {"model": ["m", 0], "positive": ["c1", 0], "negative": ["c2", 0], "cfg": 2.0}},
+            "n": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        }, None, family, sampler_node={"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["n", 0], "guider": ["g", 0], "sampler": ["smp", 0], "sigmas": ["sig", 0], "latent_image": ["l", 0]}}))[0]
+
+    first, again = sample(5), sample(5)
+    assert torch.isfinite(first).all() and first.abs().sum() > 0
+    torch.testing.assert_close(first, again)  # same seed, same latent (also for the stochastic methods)
