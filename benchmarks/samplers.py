@@ -1,4 +1,4 @@
-"""Teacher samplers side by side on the embedded teacher: Euler vs DPM-Solver++(2M) at the same
+"""Teacher samplers side by side on the embedded teacher: Euler vs DPM-Solver++(2M) vs AB2 at the same
 number of steps (each step one guided network evaluation), same seeds.
 
     PYTHONPATH=. .venv/bin/python benchmarks/samplers.py [--samples 500] [--steps 4 8 16 32]
@@ -40,7 +40,7 @@ def main():
           f"FID-like floor {floor:.2f}; reference: 64-step dpmpp_2m")
     print(f"{'sampler':<10} {'steps':>5} {'accuracy':>9} {'FID-like':>9} {'PSNR vs ref':>12} {'seconds':>8}")
     for steps in args.steps:
-        for sampler in ("euler", "dpmpp_2m"):
+        for sampler in ("euler", "dpmpp_2m", "ab2"):
             t0 = time.perf_counter()
             samples = sample_digits(net, labels, steps=steps, guidance=recipe.cfg, seed=0, sampler=sampler)
             seconds = time.perf_counter() - t0

@@ -19,7 +19,8 @@ METHODS = {
     "multistep_sde": "DMD2 / LCM / consistency students: predict x0, re-noise with fresh noise",
     "multistep_ode": "DDIM / flow-map jump: re-noise with the predicted noise (deterministic)",
     "tcd": "TCD: partial re-noising with gamma (1 = LCM, 0 = DDIM)",
-    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second-order multistep ODE solver",
+    "ab2": "AB2 for teachers: second-order multistep in sigma, one model call per step (best at 8-16 steps here)",
+    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second-order multistep in log-SNR",
     "euler": "Euler for teachers (the reference first-order ODE solver)",
 }
 
@@ -41,6 +42,8 @@ def sampler_function(method: str, gamma: float):
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         if method == "euler":
             return sampling.sample_euler(denoiser, x, sigmas, callback=callback)
+        if method == "ab2":
+            return sampling.sample_ab2(denoiser, x, sigmas, callback=callback)
         if method == "dpmpp_2m":
             return sampling.sample_dpmpp_2m(denoiser, x, sigmas, callback=callback, alpha=alpha)
         if method == "tcd":
@@ -95,12 +98,13 @@ class FastGenSigmas(io.ComfyNode):
             "(discrete table or shifted flow).",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose noise schedule converts the timesteps."),
-                io.Combo.Input("source", options=["timesteps", "recipe"], default="timesteps",
-                               tooltip="timesteps: the list below. recipe: the student's own schedule, from the recipe a "
-                               "FastGen loader attached to the model (its shift is not applied here: use the Student KSampler "
-                               "or ModelSamplingSD3 for that)."),
                 io.String.Input("timesteps", default="999, 749, 499, 249",
                                 tooltip="Decreasing training timesteps in 0..1000, separated by commas or spaces."),
+                # after `timesteps` and optional, so graphs saved before it existed load unchanged
+                io.Combo.Input("source", options=["timesteps", "recipe"], default="timesteps", optional=True,
+                               tooltip="timesteps: the list above. recipe: the student's own schedule, from the recipe a "
+                               "FastGen loader attached to the model (its shift is not applied here: use the Student KSampler "
+                               "or ModelSamplingSD3 for that)."),
             ],
             outputs=[io.Sigmas.Output()],
         )

@@ -88,12 +88,12 @@ def embedded_teacher() -> Graph:
 
 
 def embedded_fast_solver() -> Graph:
-    """The teacher in 8 steps: FastGen Few-Step Sampler (dpmpp_2m) through SamplerCustomAdvanced."""
+    """The teacher in 8 steps: FastGen Few-Step Sampler (ab2) through SamplerCustomAdvanced."""
     g = Graph()
     model, cond, latent = digit_inputs(g)
     guider = g.node("CFGGuider", [3.0], inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                     outputs=[("GUIDER", "GUIDER")], pos=(420, 60), size=(280, 100))
-    sampler = g.node("FastGenSampler", ["dpmpp_2m", 0.3], outputs=[("SAMPLER", "SAMPLER")], pos=(420, 200), size=(280, 90))
+    sampler = g.node("FastGenSampler", ["ab2", 0.3], outputs=[("SAMPLER", "SAMPLER")], pos=(420, 200), size=(280, 90))
     sigmas = g.node("BasicScheduler", ["simple", 8, 1.0], inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
                     pos=(420, 330), size=(280, 110))
     noise = g.node("RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], pos=(420, 480), size=(280, 80))
@@ -110,7 +110,50 @@ def embedded_fast_solver() -> Graph:
     return g
 
 
-WORKFLOW_BUILDERS = {"embedded_teacher.json": embedded_teacher, "embedded_fast_solver.json": embedded_fast_solver}
+# The Wan files as ComfyUI's own Wan 2.1 examples name them, and lightx2v's LoRA as it is distributed.
+WAN_MODEL = "wan2.1_t2v_14B_fp16.safetensors"
+WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+LIGHTX2V_LORA = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+
+
+def wan_step_distill_lora() -> Graph:
+    """Wan 2.1 T2V 14B + lightx2v's step/CFG-distill LoRA -> 4-step video with the Student KSampler.
+
+    The LoRA loader recognises the LoRA and attaches its recipe (4 steps at timesteps 1000/750/500/250,
+    shift 5, cfg 1), so the sampler needs no settings and runs no negative pass."""
+    g = Graph()
+    model = g.node("UNETLoader", [WAN_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
+    lora = g.node("FastGenLoadStudentLoRA", [LIGHTX2V_LORA, 1.0], inputs=[("model", "MODEL")],
+                  outputs=[("MODEL", "MODEL"), ("recipe", "STRING")], pos=(40, 190), size=(360, 180))
+    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 410), size=(360, 110))
+    text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 410), size=(360, 140))
+    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 33, 1], outputs=[("LATENT", "LATENT")], pos=(440, 600), size=(300, 130))
+    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
+    sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
+                     outputs=[("LATENT", "LATENT")], pos=(440, 60), size=(340, 300))
+    vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(820, 410), size=(300, 60))
+    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                    pos=(820, 60), size=(200, 50))
+    save = g.node("SaveAnimatedWEBP", ["fastgen/wan_4_steps", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
+                  pos=(820, 160), size=(420, 360))
+    g.link(model, 0, lora, "model")
+    g.link(lora, 0, sampler, "model")
+    g.link(clip, 0, text, "clip")
+    g.link(text, 0, sampler, "positive")
+    g.link(latent, 0, sampler, "latent_image")
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return g
+
+
+WORKFLOW_BUILDERS = {
+    "embedded_teacher.json": embedded_teacher,
+    "embedded_fast_solver.json": embedded_fast_solver,
+    "wan_step_distill_lora.json": wan_step_distill_lora,
+}
 
 if __name__ == "__main__":
     for name, build in WORKFLOW_BUILDERS.items():

@@ -39,8 +39,15 @@ def schedule(kind, steps):
     return torch.tensor(make(steps))
 
 
+SECOND_ORDER = {
+    "dpmpp_2m": lambda denoiser, x, sigmas, alpha: sampling.sample_dpmpp_2m(denoiser, x, sigmas, alpha=alpha),
+    "ab2": lambda denoiser, x, sigmas, alpha: sampling.sample_ab2(denoiser, x, sigmas),
+}
+
+
+@pytest.mark.parametrize("solver", SECOND_ORDER)
 @pytest.mark.parametrize("kind", ["flow", "ve"])
-def test_dpmpp_2m_beats_euler_at_the_same_steps(kind):
+def test_second_order_solvers_beat_euler_at_the_same_steps(kind, solver):
     alpha = ALPHAS[kind][0]
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     errors = {}
@@ -51,7 +58,7 @@ def test_dpmpp_2m_beats_euler_at_the_same_steps(kind):
         denoiser = gaussian_denoiser(alpha)
         # compare at the last non-zero sigma, where the ODE is still smooth
         euler = sampling.sample_euler(denoiser, x_start, sigmas[:-1])
-        dpm = sampling.sample_dpmpp_2m(denoiser, x_start, sigmas[:-1], alpha=alpha)
+        dpm = SECOND_ORDER[solver](denoiser, x_start, sigmas[:-1], alpha)
         errors[steps] = ((euler - target).norm().item(), (dpm - target).norm().item())
         assert errors[steps][1] < errors[steps][0], (kind, steps, errors[steps])
     # second order: from 4 to 8 steps its error falls faster than Euler's
@@ -64,12 +71,29 @@ def test_flow_solvers_start_at_pure_noise():
     sigmas = sampling.flow_sigmas(8)
     x = torch.randn(2048, generator=torch.Generator().manual_seed(8))
     target = exact_ode(x, sigmas[0], sigmas[-2], flow_alpha)
-    for sample in (sampling.sample_euler, sampling.sample_dpmpp_2m):
+    for sample in (sampling.sample_euler, sampling.sample_dpmpp_2m, sampling.sample_ab2):
         out = sample(gaussian_denoiser(flow_alpha), x, sigmas[:-1])
         assert torch.isfinite(out).all()
     dpm = sampling.sample_dpmpp_2m(gaussian_denoiser(flow_alpha), x, sigmas[:-1])
+    ab2 = sampling.sample_ab2(gaussian_denoiser(flow_alpha), x, sigmas[:-1])
     euler = sampling.sample_euler(gaussian_denoiser(flow_alpha), x, sigmas[:-1])
     assert (dpm - target).norm() < (euler - target).norm()
+    assert (ab2 - target).norm() < (euler - target).norm()
+
+
+def test_ab2_converges_at_second_order():
+    """Halving the step size divides AB2's error by about 4 (Euler's by about 2), from sigma = 1."""
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(3))
+    errors = {}
+    for steps in (16, 32, 64):
+        sigmas = torch.linspace(1.0, 0.05, steps + 1)  # a fixed interval, so only the step size changes
+        target = exact_ode(x, sigmas[0], sigmas[-1], flow_alpha)
+        ab2 = sampling.sample_ab2(gaussian_denoiser(flow_alpha), x, sigmas)
+        euler = sampling.sample_euler(gaussian_denoiser(flow_alpha), x, sigmas)
+        errors[steps] = ((ab2 - target).norm().item(), (euler - target).norm().item())
+    for coarse, fine in ((16, 32), (32, 64)):
+        assert 3.5 < errors[coarse][0] / errors[fine][0] < 4.5, errors
+        assert 1.8 < errors[coarse][1] / errors[fine][1] < 2.2, errors
 
 
 POINT = 0.7  # a point-mass data distribution: the ideal denoiser returns it for every x

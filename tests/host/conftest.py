@@ -62,6 +62,8 @@ def student_files(folder):
 
     wan = tiny_wan_state_dict(seed=0)
     models = [save_safetensors(wan, str(folder / "tiny_wan.safetensors")),
+              # under the name the Wan workflow uses, so the shipped graph runs as written
+              save_safetensors(wan, str(folder / "wan2.1_t2v_14B_fp16.safetensors")),
               save_safetensors(tiny_sd15_state_dict(seed=0, dtype=torch.float16), str(folder / "tiny_sd15.safetensors"))]
     student = str(folder / "tiny_wan_student.safetensors")
     save_file({k: v.contiguous() for k, v in wan.items()}, student, metadata={RECIPE_KEY: Recipe(**TINY_WAN_RECIPE).to_json()})

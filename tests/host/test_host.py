@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_host import PACK_NAME, REPO
-from prompts import basic_scheduler, custom_sampler_prompt, images, load_workflow, read_png, teacher_prompt
+from prompts import basic_scheduler, custom_sampler_prompt, images, load_workflow, read_png, runnable_here, teacher_prompt
 from workflow_api import missing_node_types, ui_to_api
 
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
@@ -52,7 +52,7 @@ def test_workflow_converts_and_runs(comfy, object_info, path):
     with open(path) as f:
         workflow = json.load(f)
     assert missing_node_types(workflow, object_info) == []
-    entry = comfy.run_prompt(ui_to_api(workflow, object_info))
+    entry = comfy.run_prompt(runnable_here(ui_to_api(workflow, object_info)))
     files = comfy.output_files(entry)
     assert files and all(os.path.getsize(p) > 0 for p in files)
 

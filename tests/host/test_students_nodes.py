@@ -172,3 +172,18 @@ def test_our_sampler_and_sigmas_run_through_sampler_custom_advanced(comfy, famil
     first, again = sample(5), sample(5)
     assert torch.isfinite(first).all() and first.abs().sum() > 0
     torch.testing.assert_close(first, again)  # same seed, same latent (also for the stochastic methods)
+
+
+def test_wan_workflow_recognises_lightx2v_and_samples_by_its_recipe(comfy, object_info):
+    from prompts import load_workflow, runnable_here
+    from workflow_api import ui_to_api
+
+    prompt = runnable_here(ui_to_api(load_workflow("wan_step_distill_lora.json"), object_info))
+    ids = {v["class_type"]: k for k, v in prompt.items()}
+    latent, entry = run_latent(comfy, prompt)
+    assert latent.shape == (1, 16, 2, 4, 4) and torch.isfinite(latent).all()
+    assert "recognised as lightx2v" in node_text(entry, ids["FastGenLoadStudentLoRA"])
+    used = node_text(entry, ids["FastGenStudentSampler"])
+    # timesteps 1000, 750, 500, 250 at shift 5: sigma = 5t / (1 + 4t) with t = timestep / 1000
+    assert used.startswith("4 steps, cfg 1, multistep_sde, sigmas 1, 0.938, 0.833, 0.625, 0"), used
+    assert "warning" not in used

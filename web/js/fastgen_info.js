@@ -1,0 +1,28 @@
+// Shows what a FastGen node reports after it runs (the recipe a loader found, the sigmas the
+// Student KSampler used, warnings) in a read-only text box on the node, the way ComfyUI's own
+// Preview Any shows its value. The box is not saved with the workflow.
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
+
+const NODES_WITH_INFO = ["FastGenLoadStudent", "FastGenLoadStudentLoRA", "FastGenStudentSampler"];
+
+app.registerExtension({
+  name: "FastGen.NodeInfo",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!NODES_WITH_INFO.includes(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, [message]);
+      const text = (message?.text ?? []).join("\n");
+      let widget = this.widgets?.find((w) => w.name === "fastgen_info");
+      if (!widget) {
+        widget = ComfyWidgets["STRING"](this, "fastgen_info", ["STRING", { multiline: true }], app).widget;
+        widget.element.readOnly = true;
+        widget.serialize = false;
+        this.setSize([Math.max(this.size[0], 340), this.computeSize()[1]]);
+      }
+      widget.value = text;
+      app.graph.setDirtyCanvas(true, false);
+    };
+  },
+});
