@@ -110,6 +110,26 @@ def embedded_fast_solver() -> Graph:
     return g
 
 
+def embedded_recipe() -> Graph:
+    """FastGen Load Student -> Student KSampler: the file's own recipe drives sampling, no settings.
+    Both nodes are drawn tall enough for the text they show after a run (recipe, sigmas used)."""
+    g = Graph()
+    model = g.node("FastGenLoadStudent", ["embedded/digit_teacher.safetensors"],
+                   outputs=[("MODEL", "MODEL"), ("recipe", "STRING")], pos=(40, 60), size=(360, 220))
+    cond = g.node("FastGenDigitConditioning", ["0123456789"],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 320))
+    latent = g.node("EmptyChromaRadianceLatentImage", [32, 32, 10], outputs=[("LATENT", "LATENT")], pos=(40, 480))
+    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
+    sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
+                     outputs=[("LATENT", "LATENT")], pos=(440, 60), size=(380, 560))
+    g.link(model, 0, sampler, "model")
+    g.link(cond, 0, sampler, "positive")
+    g.link(cond, 1, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    pixel_decode_and_save(g, sampler, "fastgen/digits_recipe", vae_pos=(860, 560), decode_x=860)
+    return g
+
+
 # The Wan files as ComfyUI's own Wan 2.1 examples name them, and lightx2v's LoRA as it is distributed.
 WAN_MODEL = "wan2.1_t2v_14B_fp16.safetensors"
 WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
@@ -124,20 +144,20 @@ def wan_step_distill_lora() -> Graph:
     shift 5, cfg 1), so the sampler needs no settings and runs no negative pass."""
     g = Graph()
     model = g.node("UNETLoader", [WAN_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
+    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 200), size=(360, 110))
+    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 33, 1], outputs=[("LATENT", "LATENT")], pos=(40, 360), size=(360, 130))
     lora = g.node("FastGenLoadStudentLoRA", [LIGHTX2V_LORA, 1.0], inputs=[("model", "MODEL")],
-                  outputs=[("MODEL", "MODEL"), ("recipe", "STRING")], pos=(40, 190), size=(360, 180))
-    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 410), size=(360, 110))
+                  outputs=[("MODEL", "MODEL"), ("recipe", "STRING")], pos=(440, 60), size=(380, 240))
     text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
-                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 410), size=(360, 140))
-    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 33, 1], outputs=[("LATENT", "LATENT")], pos=(440, 600), size=(300, 130))
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
     sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
     sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
-                     outputs=[("LATENT", "LATENT")], pos=(440, 60), size=(340, 300))
-    vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(820, 410), size=(300, 60))
+                     outputs=[("LATENT", "LATENT")], pos=(860, 60), size=(360, 430))
+    vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(1260, 60), size=(300, 60))
     decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                    pos=(820, 60), size=(200, 50))
+                    pos=(1260, 170), size=(200, 50))
     save = g.node("SaveAnimatedWEBP", ["fastgen/wan_4_steps", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
-                  pos=(820, 160), size=(420, 360))
+                  pos=(1260, 270), size=(420, 360))
     g.link(model, 0, lora, "model")
     g.link(lora, 0, sampler, "model")
     g.link(clip, 0, text, "clip")
@@ -152,6 +172,7 @@ def wan_step_distill_lora() -> Graph:
 WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
+    "embedded_recipe.json": embedded_recipe,
     "wan_step_distill_lora.json": wan_step_distill_lora,
 }
 

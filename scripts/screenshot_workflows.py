@@ -33,6 +33,22 @@ def save_output_grid(files, out_path):
     write_png(out_path, make_grid(images.permute(0, 3, 1, 2), rows=1), scale=4)
 
 
+def unavailable_choices(prompt, object_info):
+    """(node type, input, value) for every list choice the host does not offer (a model file it lacks)."""
+    missing = []
+    for node in prompt.values():
+        info = object_info[node["class_type"]]["input"]
+        specs = {**info.get("required", {}), **info.get("optional", {})}
+        for name, value in node["inputs"].items():
+            spec = specs.get(name)
+            if not spec or isinstance(value, list):
+                continue
+            options = spec[0] if isinstance(spec[0], list) else (spec[1].get("options") if spec[0] == "COMBO" else None)
+            if options is not None and value not in options:
+                missing.append((node["class_type"], name, value))
+    return missing
+
+
 async def main():
     path, reason = find_comfyui()
     if path is None:
@@ -48,12 +64,19 @@ async def main():
             name = os.path.splitext(os.path.basename(wf_path))[0]
             with open(wf_path) as f:
                 workflow = json.load(f)
-            entry = server.run_prompt(ui_to_api(workflow, object_info))
-            save_output_grid(server.output_files(entry), os.path.join(ROOT, "docs", f"{name}_output.png"))
+            # Workflows for users' own models (Wan, ...) need files this host lacks: those are shown
+            # as loaded, not run.
+            runnable = not unavailable_choices(ui_to_api(workflow, object_info), object_info)
             missing = await load_workflow_in_page(browser, server.url, workflow)
             if missing:
                 raise SystemExit(f"{name}: the page shows missing nodes {missing}")
-            await queue_from_page(browser, server)
+            if runnable:
+                # run from the page itself (not cached by an earlier API run), so every node reports
+                # to the page what it shows after a run
+                await queue_from_page(browser, server)
+                history = server.get("/history?max_items=1")
+                [entry] = history.values()
+                save_output_grid(server.output_files(entry), os.path.join(ROOT, "docs", f"{name}_output.png"))
             await fit_view(browser)
             await browser.screenshot(os.path.join(ROOT, "docs", f"{name}_workflow.png"))
             print("wrote", name)

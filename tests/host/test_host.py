@@ -141,3 +141,34 @@ def test_bad_digits_are_rejected_with_a_clear_message(comfy, object_info):
     status, body = comfy.post("/prompt", {"prompt": prompt})
     assert status == 400
     assert "'x'" in json.dumps(body), body
+
+
+def test_page_shows_the_recipe_on_the_nodes_after_a_run(comfy):
+    """web/js/fastgen_info.js: after a run from the page, the student nodes show what they report."""
+    import asyncio
+
+    from browser import Browser, find_chromium, queue_from_page
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium for the page test (apt-get install chromium)")
+    workflow = load_workflow("embedded_recipe.json")
+    for node in workflow["nodes"]:
+        if node["type"] == "FastGenStudentSampler":
+            node["widgets_values"][0] = 1234  # a seed no other test used: the run is not cached
+
+    async def run():
+        from browser import load_workflow_in_page
+
+        browser = await Browser().session()
+        try:
+            assert await load_workflow_in_page(browser, comfy.url, workflow) == []
+            await queue_from_page(browser, comfy)
+            return json.loads(await browser.evaluate(
+                "JSON.stringify(Object.fromEntries(window.app.graph._nodes.map(n => "
+                "[n.type, n.widgets?.find(w => w.name === 'fastgen_info')?.element?.value ?? null])))"))
+        finally:
+            await browser.close()
+
+    shown = asyncio.run(run())
+    # (the loader's own box is filled only when it runs; an earlier test's run of the same graph is cached)
+    assert shown["FastGenStudentSampler"].startswith("32 steps, cfg 3, euler, sigmas 1, 0.969"), shown

@@ -19,7 +19,11 @@ app.registerExtension({
         widget = ComfyWidgets["STRING"](this, "fastgen_info", ["STRING", { multiline: true }], app).widget;
         widget.element.readOnly = true;
         widget.serialize = false;
-        this.setSize([Math.max(this.size[0], 340), this.computeSize()[1]]);
+        // room for a few lines of text below the inputs (a multiline box gets no height by itself);
+        // a node the workflow already made tall enough keeps its size
+        const needed = this.computeSize()[1] + 80;
+        this.setSize([Math.max(this.size[0], 360), Math.max(this.size[1], needed)]);
+        this.onResize?.(this.size); // lays the new box out even when the size did not change
       }
       widget.value = text;
       app.graph.setDirtyCanvas(true, false);
