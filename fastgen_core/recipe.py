@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 RECIPE_KEY = "fastgen.recipe"
 RECIPE_VERSION = 1
@@ -23,7 +23,7 @@ class Recipe:
     steps: int
     sampler: str = "euler"
     cfg: float = 1.0
-    shift: float = 1.0
+    shift: float | None = 1.0  # flow shift; None: the model's own (e.g. FLUX's resolution-dependent shift)
     timesteps: list[int] | None = None
     sigmas: list[float] | None = None
     scheduler: str | None = None  # the host scheduler that spaces `steps` when no timesteps/sigmas are given
@@ -40,7 +40,7 @@ class Recipe:
             raise ValueError(f"recipe prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"recipe steps must be a positive integer, got {self.steps!r}")
-        if self.cfg < 0 or self.shift <= 0:
+        if self.cfg < 0 or (self.shift is not None and self.shift <= 0):
             raise ValueError(f"recipe cfg must be >= 0 and shift > 0, got cfg={self.cfg} shift={self.shift}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise ValueError(f"recipe gamma must be in [0, 1], got {self.gamma}")
@@ -50,7 +50,9 @@ class Recipe:
                 raise ValueError(f"recipe has {len(values)} {name} for {self.steps} steps")
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and v != {}}, sort_keys=True)
+        # shift is kept when None: null means "the model's own shift", an absent key the default 1
+        values = {k: v for k, v in asdict(self).items() if (v is not None or k == "shift") and v != {}}
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "recipe") -> Recipe:
@@ -101,8 +103,10 @@ def identify_student(filename: str, keys=(), family: str | None = None, kind: st
     name = filename.lower()
     candidates = [s for s in KNOWN_STUDENTS if (kind is None or s.kind == kind) and _families_compatible(s.recipe.family, family)]
     for student in candidates:
-        if student.file_pattern and re.search(student.file_pattern, name):
-            return student
+        match = re.search(student.file_pattern, name) if student.file_pattern else None
+        if match:
+            steps = match.groupdict().get("steps")
+            return replace(student, recipe=replace(student.recipe, steps=int(steps))) if steps else student
     keys = list(keys)
     for student in candidates:
         if student.key_rule and family is not None:
@@ -112,11 +116,87 @@ def identify_student(filename: str, keys=(), family: str | None = None, kind: st
     return None
 
 
+# Recipes as the students' authors document them (source: the model card or the authors' code).
+# ComfyUI names stand in for diffusers ones: LCMScheduler -> multistep_sde (predict x0, re-noise
+# with fresh noise), DDIM "trailing" -> ddim + sgm_uniform, Euler "trailing" -> euler + sgm_uniform.
+# A `(?P<steps>N)` group in file_pattern sets the step count from the file name.
+_DMD2 = "https://huggingface.co/tianweiy/DMD2"
+_LIGHTNING = "https://huggingface.co/ByteDance/SDXL-Lightning"
+_HYPER = "https://huggingface.co/ByteDance/Hyper-SD"
+_LIGHTX2V = "https://lightx2v-en.readthedocs.io/en/latest/method_tutorials/step_distill.html"
+
 KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
     KnownStudent(
-        "lightx2v Wan 2.1 T2V 14B step + CFG distill LoRA", "lora",
+        "lightx2v Wan 2.1 step + CFG distill LoRA", "lora",
         Recipe(family="wan2.1", prediction="flow", steps=4, timesteps=[1000, 750, 500, 250], shift=5.0, cfg=1.0,
-               sampler="multistep_sde", method="dmd", source="https://huggingface.co/lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill"),
-        file_pattern=r"lightx2v.*(step|cfg).*distill|stepdistill",
+               sampler="multistep_sde", method="dmd", source=_LIGHTX2V),
+        file_pattern=r"lightx2v.*(step|cfg).*distill|stepdistill.*cfgdistill",
+    ),
+    KnownStudent(
+        "DMD2 SDXL 4-step", "model",
+        Recipe(family="sdxl", prediction="eps", steps=4, timesteps=[999, 749, 499, 249], cfg=1.0, sampler="multistep_sde",
+               method="dmd2", source=_DMD2),
+        file_pattern=r"dmd2.*sdxl.*4.?step",
+    ),
+    KnownStudent(
+        "DMD2 SDXL 4-step LoRA", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=4, timesteps=[999, 749, 499, 249], cfg=1.0, sampler="multistep_sde",
+               method="dmd2", source=_DMD2),
+        file_pattern=r"dmd2.*sdxl.*4.?step",
+    ),
+    KnownStudent(
+        "DMD2 SDXL 1-step", "model",
+        Recipe(family="sdxl", prediction="eps", steps=1, timesteps=[399], cfg=1.0, sampler="multistep_sde", method="dmd2",
+               source=_DMD2),
+        file_pattern=r"dmd2.*sdxl.*1.?step",
+    ),
+    KnownStudent(
+        "SDXL-Lightning", "model",
+        Recipe(family="sdxl", prediction="eps", steps=4, scheduler="sgm_uniform", cfg=1.0, sampler="euler",
+               method="progressive adversarial distillation", source=_LIGHTNING),
+        file_pattern=r"sdxl_lightning_(?P<steps>[248])step_unet",
+    ),
+    KnownStudent(
+        "SDXL-Lightning LoRA", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=4, scheduler="sgm_uniform", cfg=1.0, sampler="euler",
+               method="progressive adversarial distillation", source=_LIGHTNING),
+        file_pattern=r"sdxl_lightning_(?P<steps>[248])step_lora",
+    ),
+    KnownStudent(
+        "Hyper-SDXL CFG-preserving LoRA", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=5.0, sampler="ddim",
+               method="hyper-sd", source=_HYPER),
+        file_pattern=r"hyper-sdxl-(?P<steps>\d+)steps?-cfg-lora",
+    ),
+    KnownStudent(
+        "Hyper-SDXL LoRA", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=1.0, sampler="ddim",
+               method="hyper-sd", source=_HYPER),
+        file_pattern=r"hyper-sdxl-(?P<steps>\d+)steps?-lora",
+    ),
+    KnownStudent(
+        "Hyper-SD1.5 LoRA", "lora",
+        Recipe(family="sd15", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=1.0, sampler="ddim",
+               method="hyper-sd", source=_HYPER),
+        file_pattern=r"hyper-sd15-(?P<steps>\d+)steps?-lora",
+    ),
+    KnownStudent(
+        "Hyper-FLUX.1-dev LoRA", "lora",
+        Recipe(family="flux", prediction="flow", steps=8, scheduler="simple", cfg=1.0, shift=None, sampler="euler",
+               lora_strength=0.125, method="hyper-sd", source=_HYPER, extra={"flux_guidance": 3.5}),
+        file_pattern=r"hyper-flux.*-(?P<steps>\d+)steps?-lora",
+    ),
+    KnownStudent(
+        "TCD SDXL LoRA", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=4, cfg=1.0, sampler="tcd", gamma=0.3, scheduler="sgm_uniform",
+               method="tcd", source="https://huggingface.co/h1t/TCD-SDXL-LoRA"),
+        file_pattern=r"tcd.*sdxl|sdxl.*tcd",
+    ),
+    KnownStudent(
+        "FLUX.1 schnell", "model",
+        Recipe(family="flux", prediction="flow", steps=4, scheduler="simple", cfg=1.0, shift=None, sampler="euler",
+               method="latent adversarial diffusion distillation", source="https://huggingface.co/black-forest-labs/FLUX.1-schnell"),
+        file_pattern=r"flux.*schnell",
+        key_rule=("guidance_in.", False),  # FLUX without the guidance embedder is schnell
     ),
 )

@@ -279,12 +279,21 @@ def _underscored(key: str) -> str:
 
 
 def diffusers_layout(state_dict) -> str | None:
-    """'unet' or 'transformer' for diffusers-layout checkpoints (converted by the host); None for native keys."""
+    """'unet' or 'transformer' for diffusers-layout checkpoints; None for native keys.
+
+    The host converts diffusers UNets (SD1.5 / SDXL sizes) and Flux / SD3 transformers itself;
+    this only tells a loader what to say when the host cannot (e.g. diffusers-layout Wan).
+    """
     keys = [strip_model_prefix(k) for k in state_dict]
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and any(k.startswith("time_embedding.") for k in keys):
         return "unet"
-    if any(k.startswith(("condition_embedder.", "transformer_blocks.0.attn.to_q", "single_transformer_blocks.")) for k in keys):
+    transformer_markers = (
+        "condition_embedder.", "blocks.0.attn1.to_q",  # Wan
+        "single_transformer_blocks.", "x_embedder.",  # Flux
+        "transformer_blocks.0.attn.add_q_proj",  # SD3 (Qwen-Image's native keys look alike, so SD3 needs pos_embed too)
+    )
+    if any(k.startswith(transformer_markers[:4]) for k in keys):
         return "transformer"
-    if any(k.startswith("blocks.0.attn1.to_q") for k in keys):  # Wan in diffusers layout
+    if any(k.startswith(transformer_markers[4]) for k in keys) and any(k.startswith("pos_embed.proj") for k in keys):
         return "transformer"
     return None

@@ -152,3 +152,8 @@ def test_family_and_layout_guesses():
     assert students.guess_family(["something.else"]) is None
     assert students.diffusers_layout({"conv_in.weight": 0, "time_embedding.linear_1.weight": 0, "down_blocks.0.x": 0}) == "unet"
     assert students.diffusers_layout(digit_state_dict()) is None
+    wan_diffusers = ["condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn1.to_q.weight", "patch_embedding.weight"]
+    assert students.diffusers_layout(dict.fromkeys(wan_diffusers)) == "transformer"
+    assert students.guess_family(wan_diffusers) == "wan"
+    qwen_native = ["transformer_blocks.0.attn.add_q_proj.weight", "transformer_blocks.0.img_mod.1.weight", "img_in.weight"]
+    assert students.diffusers_layout(dict.fromkeys(qwen_native)) is None

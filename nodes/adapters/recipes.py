@@ -75,7 +75,9 @@ def host_timestep_to_sigma(model_sampling, timestep: float) -> torch.Tensor:
 def apply_recipe_shift(model, recipe: Recipe):
     """The model with the recipe's flow shift (as the host's ModelSamplingSD3 node sets it), if it differs."""
     model_sampling = model.get_model_object("model_sampling")
-    if recipe.prediction != "flow" or not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+    if recipe.prediction != "flow" or recipe.shift is None:
+        return model
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
         return model
     if abs(float(model_sampling.shift) - recipe.shift) < 1e-6:
         return model
@@ -117,8 +119,10 @@ def describe(recipe: Recipe | None) -> str:
         parts.append(f"scheduler {recipe.scheduler}")
     parts.append(f"sampler {recipe.sampler}" + (f" (gamma {recipe.gamma:g})" if recipe.gamma is not None else ""))
     parts.append(f"cfg {recipe.cfg:g}")
-    if recipe.prediction == "flow":
+    if recipe.prediction == "flow" and recipe.shift is not None:
         parts.append(f"shift {recipe.shift:g}")
+    if recipe.extra.get("flux_guidance") is not None:
+        parts.append(f"FluxGuidance {recipe.extra['flux_guidance']:g}")
     if recipe.lora_strength is not None:
         parts.append(f"LoRA strength {recipe.lora_strength:g}")
     return ", ".join(parts)
