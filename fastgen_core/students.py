@@ -297,3 +297,53 @@ def diffusers_layout(state_dict) -> str | None:
     if any(k.startswith(transformer_markers[4]) for k in keys) and any(k.startswith("pos_embed.proj") for k in keys):
         return "transformer"
     return None
+
+
+# Diffusers' WanTransformer3DModel names -> the original Wan names ComfyUI loads. ComfyUI v0.3.64
+# converts diffusers UNets and Flux / SD3 transformers itself but not Wan, while Wan students
+# trained with diffusers (FastGen's own Wan recipes among them) are saved in its layout.
+_WAN_DIFFUSERS_RENAMES = (
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("proj_out.", "head.head."),
+)
+_WAN_DIFFUSERS_BLOCK_RENAMES = (
+    ("attn1.to_q.", "self_attn.q."), ("attn1.to_k.", "self_attn.k."), ("attn1.to_v.", "self_attn.v."),
+    ("attn1.to_out.0.", "self_attn.o."), ("attn1.norm_q.", "self_attn.norm_q."), ("attn1.norm_k.", "self_attn.norm_k."),
+    ("attn2.to_q.", "cross_attn.q."), ("attn2.to_k.", "cross_attn.k."), ("attn2.to_v.", "cross_attn.v."),
+    ("attn2.to_out.0.", "cross_attn.o."), ("attn2.norm_q.", "cross_attn.norm_q."), ("attn2.norm_k.", "cross_attn.norm_k."),
+    ("attn2.add_k_proj.", "cross_attn.k_img."), ("attn2.add_v_proj.", "cross_attn.v_img."),
+    ("attn2.norm_added_k.", "cross_attn.norm_k_img."),
+    ("norm2.", "norm3."),  # diffusers' norm2 is the affine norm before cross-attention: the original norm3
+    ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
+)
+_WAN_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def wan_diffusers_to_native(state_dict: dict) -> dict:
+    """A diffusers-layout Wan 2.1 / 2.2 transformer state dict under the original Wan names."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        key = strip_model_prefix(key)
+        if key == "scale_shift_table":
+            new = "head.modulation"
+        elif match := _WAN_BLOCK_KEY.match(key):
+            index, rest = match.groups()
+            if rest == "scale_shift_table":
+                rest = "modulation"
+            for old, replacement in _WAN_DIFFUSERS_BLOCK_RENAMES:
+                if rest.startswith(old):
+                    rest = replacement + rest[len(old):]
+                    break
+            new = f"blocks.{index}.{rest}"
+        else:
+            new = next((replacement + key[len(old):] for old, replacement in _WAN_DIFFUSERS_RENAMES if key.startswith(old)), key)
+        converted[new] = tensor
+    return converted

@@ -79,7 +79,10 @@ def load_student(path: str):
         raise ValueError(f"{name} is a LoRA, not a full model: load its base model and apply it with FastGen Load Student LoRA.")
     keys = list(student.state_dict)
     layout = students.diffusers_layout(student.state_dict)
-    model = comfy.sd.load_diffusion_model_state_dict(student.state_dict)
+    state_dict = student.state_dict
+    if layout == "transformer" and students.guess_family(keys) == "wan":
+        state_dict = students.wan_diffusers_to_native(state_dict)  # ComfyUI has no converter for this one
+    model = comfy.sd.load_diffusion_model_state_dict(state_dict)
     if model is None:
         family = students.guess_family(keys) or "an unknown architecture"
         hint = f" It is in the diffusers {layout} layout, which this ComfyUI cannot convert for that family." if layout else ""

@@ -157,3 +157,14 @@ def test_family_and_layout_guesses():
     assert students.guess_family(wan_diffusers) == "wan"
     qwen_native = ["transformer_blocks.0.attn.add_q_proj.weight", "transformer_blocks.0.img_mod.1.weight", "img_in.weight"]
     assert students.diffusers_layout(dict.fromkeys(qwen_native)) is None
+
+
+def test_wan_diffusers_names_map_to_the_original_wan_names():
+    diffusers = ["scale_shift_table", "blocks.3.scale_shift_table", "blocks.3.attn1.to_out.0.weight", "blocks.3.attn2.add_k_proj.bias",
+                 "blocks.3.attn2.norm_added_k.weight", "blocks.3.norm2.bias", "blocks.3.ffn.net.0.proj.weight",
+                 "condition_embedder.image_embedder.ff.net.2.weight", "condition_embedder.time_proj.bias", "proj_out.weight",
+                 "patch_embedding.weight"]
+    native = students.wan_diffusers_to_native(dict.fromkeys(diffusers))
+    assert list(native) == ["head.modulation", "blocks.3.modulation", "blocks.3.self_attn.o.weight", "blocks.3.cross_attn.k_img.bias",
+                            "blocks.3.cross_attn.norm_k_img.weight", "blocks.3.norm3.bias", "blocks.3.ffn.0.weight",
+                            "img_emb.proj.3.weight", "time_projection.1.bias", "head.head.weight", "patch_embedding.weight"]

@@ -56,7 +56,7 @@ def student_files(folder):
     cases a student loader must refuse: a wrong-architecture and a wrong-size LoRA, a code pickle."""
     import torch
     from safetensors.torch import save_file
-    from tiny_models import lora_state_dict, save_safetensors, tiny_sd15_state_dict, tiny_wan_state_dict
+    from tiny_models import diffusers_wan_state_dict, lora_state_dict, save_safetensors, tiny_sd15_state_dict, tiny_wan_state_dict
 
     from fastgen_core.recipe import RECIPE_KEY, Recipe
 
@@ -65,6 +65,7 @@ def student_files(folder):
               # under the name the Wan workflow uses, so the shipped graph runs as written
               save_safetensors(wan, str(folder / "wan2.1_t2v_14B_fp16.safetensors")),
               save_safetensors(tiny_sd15_state_dict(seed=0, dtype=torch.float16), str(folder / "tiny_sd15.safetensors"))]
+    models.append(save_safetensors(diffusers_wan_state_dict(wan), str(folder / "tiny_wan_diffusers.safetensors")))
     student = str(folder / "tiny_wan_student.safetensors")
     save_file({k: v.contiguous() for k, v in wan.items()}, student, metadata={RECIPE_KEY: Recipe(**TINY_WAN_RECIPE).to_json()})
     models.append(student)

@@ -76,7 +76,7 @@ def digits_prompt(object_info, method, sigmas):
     return custom_sampler_prompt(prompt, ids, sampler, sigmas, cfg=3.0, seed=5)
 
 
-@pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "dpmpp_2m", "euler"])
+@pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "ab2", "dpmpp_2m", "euler"])
 def test_every_method_draws_digits_through_sampler_custom_advanced(comfy, object_info, method):
     from fastgen_core.eval import load_classifier, predict
 

@@ -157,7 +157,7 @@ def test_wrong_loras_are_refused_with_the_reason(comfy):
 
 
 @pytest.mark.parametrize("family,model", [(WAN, "tiny_wan.safetensors"), (SD15, "tiny_sd15.safetensors")])
-@pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "dpmpp_2m"])
+@pytest.mark.parametrize("method", ["multistep_sde", "multistep_ode", "tcd", "ab2", "dpmpp_2m"])
 def test_our_sampler_and_sigmas_run_through_sampler_custom_advanced(comfy, family, model, method):
     def sample(seed):
         return run_latent(comfy, graph({
@@ -187,3 +187,15 @@ def test_wan_workflow_recognises_lightx2v_and_samples_by_its_recipe(comfy, objec
     # timesteps 1000, 750, 500, 250 at shift 5: sigma = 5t / (1 + 4t) with t = timestep / 1000
     assert used.startswith("4 steps, cfg 1, multistep_sde, sigmas 1, 0.938, 0.833, 0.625, 0"), used
     assert "warning" not in used
+
+
+def test_diffusers_layout_wan_student_loads_as_the_same_model(comfy):
+    """ComfyUI v0.3.64 cannot load diffusers-layout Wan; the student loader converts it itself."""
+    def sampled(name):
+        return run_latent(comfy, graph(load_student(name), ["m", 0], sampler_node=student_sampler(["m", 0], steps=2, cfg=1.0,
+                                                                                                   sampler="euler")))[0]
+
+    log_before = len(comfy.log())
+    torch.testing.assert_close(sampled("tiny_wan_diffusers.safetensors"), sampled("tiny_wan.safetensors"))
+    log = comfy.log()[log_before:]
+    assert "unet missing" not in log and "unet unexpected" not in log and "left over keys" not in log

@@ -246,3 +246,32 @@ def save_safetensors(sd: Mapping[str, torch.Tensor], path: str) -> str:
     """Write a state dict as .safetensors (contiguous copies) and return the path."""
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     return path
+
+
+def diffusers_wan_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A native Wan 2.1 T2V state dict under diffusers' WanTransformer3DModel names (as diffusers'
+    scripts/convert_wan_to_diffusers.py writes them), to test loading diffusers-layout Wan students."""
+    top = {"text_embedding.0": "condition_embedder.text_embedder.linear_1", "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+           "time_embedding.0": "condition_embedder.time_embedder.linear_1", "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+           "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out", "patch_embedding": "patch_embedding"}
+    block = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v", "self_attn.o": "attn1.to_out.0",
+             "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k", "cross_attn.q": "attn2.to_q",
+             "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+             "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k", "norm3": "norm2",
+             "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+    out = {}
+    for key, tensor in sd.items():
+        if key == "head.modulation":
+            out["scale_shift_table"] = tensor
+            continue
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            module, param = rest.rsplit(".", 1) if rest != "modulation" else ("modulation", None)
+            if module == "modulation":
+                out[f"blocks.{index}.scale_shift_table"] = tensor
+            else:
+                out[f"blocks.{index}.{block[module]}.{param}"] = tensor
+            continue
+        module, param = key.rsplit(".", 1)
+        out[f"{top[module]}.{param}"] = tensor
+    return out
