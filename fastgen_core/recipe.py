@@ -193,6 +193,13 @@ KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
         file_pattern=r"tcd.*sdxl|sdxl.*tcd",
     ),
     KnownStudent(
+        # the card's FlowMatchEuler config (dynamic shifting with base = max = log 3) is a fixed shift of 3
+        "Qwen-Image-Lightning LoRA", "lora",
+        Recipe(family="qwen-image", prediction="flow", steps=8, scheduler="simple", cfg=1.0, shift=3.0, sampler="euler",
+               method="lightning", source="https://huggingface.co/lightx2v/Qwen-Image-Lightning"),
+        file_pattern=r"qwen-image-lightning-(?P<steps>\d+)steps",
+    ),
+    KnownStudent(
         "FLUX.1 schnell", "model",
         Recipe(family="flux", prediction="flow", steps=4, scheduler="simple", cfg=1.0, shift=None, sampler="euler",
                method="latent adversarial diffusion distillation", source="https://huggingface.co/black-forest-labs/FLUX.1-schnell"),

@@ -27,6 +27,7 @@ def test_every_field_round_trips_through_json():
     ("Hyper-SD15-1step-lora.safetensors", "lora", "sd15", "Hyper-SD1.5 LoRA", 1),
     ("Hyper-FLUX.1-dev-16steps-lora.safetensors", "lora", "flux", "Hyper-FLUX.1-dev LoRA", 16),
     ("flux1-schnell-fp8.safetensors", "model", "flux", "FLUX.1 schnell", 4),
+    ("Qwen-Image-Lightning-4steps-V1.0.safetensors", "lora", "qwen-image", "Qwen-Image-Lightning", 4),
 ])
 def test_known_students_are_recognised_by_file_name(filename, kind, family, expected_name, steps):
     student = identify_student(filename, family=family, kind=kind)

@@ -6,6 +6,8 @@ BaseModel, so a LoRA loader can give its output a new recipe without changing th
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_sampling
 import comfy.samplers
 import torch
@@ -73,20 +75,32 @@ def host_timestep_to_sigma(model_sampling, timestep: float) -> torch.Tensor:
 
 
 def apply_recipe_shift(model, recipe: Recipe):
-    """The model with the recipe's flow shift (as the host's ModelSamplingSD3 node sets it), if it differs."""
+    """The model with the recipe's flow shift, if it differs from the model's own.
+
+    DiscreteFlow samplings (Wan, SD3, our models) take the shift as ModelSamplingSD3 sets it;
+    Flux-type samplings (FLUX, Qwen-Image) shift exponentially, sigma = e^mu / (e^mu + 1/t - 1),
+    which is the same curve as the linear shift s at mu = log(s).
+    """
     model_sampling = model.get_model_object("model_sampling")
     if recipe.prediction != "flow" or recipe.shift is None:
         return model
-    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+        base, current, wanted = comfy.model_sampling.ModelSamplingDiscreteFlow, float(model_sampling.shift), recipe.shift
+    elif isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+        base, current, wanted = comfy.model_sampling.ModelSamplingFlux, float(model_sampling.shift), math.log(recipe.shift)
+    else:
         return model
-    if abs(float(model_sampling.shift) - recipe.shift) < 1e-6:
+    if abs(current - wanted) < 1e-6:
         return model
 
-    class RecipeFlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+    class RecipeFlowSampling(base, comfy.model_sampling.CONST):
         pass
 
     shifted = RecipeFlowSampling(model.model.model_config)
-    shifted.set_parameters(shift=recipe.shift, multiplier=model_sampling.multiplier)
+    if base is comfy.model_sampling.ModelSamplingFlux:
+        shifted.set_parameters(shift=wanted)
+    else:
+        shifted.set_parameters(shift=wanted, multiplier=model_sampling.multiplier)
     patched = model.clone()
     patched.add_object_patch("model_sampling", shifted)
     return patched

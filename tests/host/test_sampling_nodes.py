@@ -33,7 +33,8 @@ pack = importlib.util.module_from_spec(spec); sys.modules["fastgen_pack"] = pack
 from fastgen_pack.nodes.adapters.recipes import host_timestep_to_sigma
 
 timesteps = json.loads(sys.argv[2])
-samplings = {"discrete": ms.ModelSamplingDiscrete(Config()), "flux_shift_1.15": ms.ModelSamplingFlux(Config(shift=1.15))}
+samplings = {"discrete": ms.ModelSamplingDiscrete(Config()), "flux_shift_1.15": ms.ModelSamplingFlux(Config(shift=1.15)),
+             "flux_mu_log3": ms.ModelSamplingFlux(Config(shift=__import__("math").log(3.0)))}
 for shift in (1.0, 3.0, 5.0):
     samplings[f"flow_{shift}"] = ms.ModelSamplingDiscreteFlow(Config(shift=shift, multiplier=1000))
 samplings["flow_multiplier_1"] = ms.ModelSamplingDiscreteFlow(Config(shift=1.0, multiplier=1.0))
@@ -68,6 +69,8 @@ def test_timestep_to_sigma_matches_the_hosts_model_sampling():
     torch.testing.assert_close(torch.tensor(host["flow_multiplier_1"]["node"]), sampling.flow_timestep_to_sigma(t, 1.0),
                                rtol=1e-6, atol=1e-6)
     assert host["flux_shift_1.15"]["node"][0] > 0.99 and host["flux_shift_1.15"]["node"][-1] == 0.0
+    # Flux-type shift mu is the linear flow shift exp(mu): how a recipe's shift reaches FLUX / Qwen-Image
+    torch.testing.assert_close(torch.tensor(host["flux_mu_log3"]["node"]), sampling.flow_timestep_to_sigma(t, 3.0), rtol=1e-5, atol=1e-6)
 
 
 def digits_prompt(object_info, method, sigmas):
