@@ -59,6 +59,14 @@ def digit_inputs(g: Graph):
     return model, cond, latent
 
 
+def link_sampler(g: Graph, sampler: int, model: int, cond: int, latent: int):
+    """A KSampler-like node fed by the shared front: the model, both conditionings, the latent."""
+    g.link(model, 0, sampler, "model")
+    g.link(cond, 0, sampler, "positive")
+    g.link(cond, 1, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+
+
 def pixel_decode_and_save(g: Graph, samples_node: int, prefix: str, vae_pos, decode_x: int):
     """The back they share: the host's pixel-space VAE, VAE Decode, Save Image."""
     vae = g.node("VAELoader", ["pixel_space"], outputs=[("VAE", "VAE")], pos=vae_pos)
@@ -79,10 +87,7 @@ def embedded_teacher() -> Graph:
         inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         outputs=[("LATENT", "LATENT")], pos=(420, 60), size=(320, 270),
     )
-    g.link(model, 0, sampler, "model")
-    g.link(cond, 0, sampler, "positive")
-    g.link(cond, 1, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
+    link_sampler(g, sampler, model, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits", vae_pos=(420, 380), decode_x=800)
     return g
 
@@ -122,10 +127,7 @@ def embedded_recipe() -> Graph:
     sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
     sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
                      outputs=[("LATENT", "LATENT")], pos=(440, 60), size=(380, 560))
-    g.link(model, 0, sampler, "model")
-    g.link(cond, 0, sampler, "positive")
-    g.link(cond, 1, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
+    link_sampler(g, sampler, model, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits_recipe", vae_pos=(860, 560), decode_x=860)
     return g
 
