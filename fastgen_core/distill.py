@@ -1,0 +1,293 @@
+"""DMD2 distillation on modelopt.torch.fastgen, with one shared copy of the teacher's weights.
+
+modelopt's DMDPipeline holds three models (student, teacher, fake score) and computes the DMD2
+losses; its `create_fake_score` deep-copies the teacher. Here the student and the fake score are
+two LoRA adapters on one frozen copy of the teacher, and the teacher is the same base with both
+adapters off: three `AdapterView`s over one network, each switching its adapter on for its own
+call. The pipeline sees three modules; memory holds one base (plus two small LoRAs).
+
+    switch, adapters = attach_lora(net, ("student", "fake"), rank=16)
+    trainer = DMDTrainer(net, switch, adapters, DistillSettings(steps=4), conditions)
+    trainer.run(iterations)
+
+LoRAs are written in ComfyUI's key format (`diffusion_model.<module>.lora_up/lora_down/alpha`)
+with the student's recipe in the metadata, so ComfyUI's LoraLoader and ours load them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_path
+from .recipe import RECIPE_KEY, Recipe
+
+STUDENT, FAKE = "student", "fake"
+
+
+class AdapterSwitch:
+    """Which LoRA adapter the shared network runs with (None: the bare teacher)."""
+
+    def __init__(self):
+        self.active: str | None = None
+
+    @contextmanager
+    def use(self, name: str | None):
+        previous, self.active = self.active, name
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+class LoRAAdapter(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None = None, generator=None):
+        super().__init__()
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.up.weight)  # starts as the teacher
+
+    def forward(self, x):
+        return self.up(self.down(x)) * (self.alpha / self.rank)
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus named LoRA adapters, of which the switch enables at most one."""
+
+    def __init__(self, base: nn.Linear, switch: AdapterSwitch, names, rank: int, generator=None):
+        super().__init__()
+        self.base, self.switch = base, switch
+        self.adapters = nn.ModuleDict({
+            name: LoRAAdapter(base.in_features, base.out_features, rank, generator=generator) for name in names
+        })
+
+    def forward(self, x):
+        out = self.base(x)
+        adapter = self.adapters[self.switch.active] if self.switch.active in self.adapters else None
+        return out if adapter is None else out + adapter(x).to(out.dtype)
+
+
+def default_targets(name: str, module: nn.Module) -> bool:
+    """Attention and MLP projections of the transformer blocks (the DiT's bulk of weights)."""
+    return isinstance(module, nn.Linear) and ".blocks." in f".{name}" and name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")
+
+
+def attach_lora(net: nn.Module, names=(STUDENT, FAKE), rank: int = 16, targets=default_targets, seed: int = 0):
+    """Freeze `net` and give each targeted Linear one LoRA adapter per name (initialised from
+    `seed`, so the same call gives the same adapters). Returns the switch and
+    {name: {module path: LoRAAdapter}}."""
+    net.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    switch = AdapterSwitch()
+    adapters = {name: {} for name in names}
+    for path, module in list(net.named_modules()):
+        if not targets(path, module):
+            continue
+        wrapped = LoRALinear(module, switch, names, rank, generator).to(device=module.weight.device)
+        parent_path, _, child = path.rpartition(".")
+        setattr(net.get_submodule(parent_path) if parent_path else net, child, wrapped)
+        for name in names:
+            adapters[name][path] = wrapped.adapters[name]
+    if not any(adapters[names[0]]):
+        raise ValueError(f"no layer of {type(net).__name__} matched the LoRA targets")
+    return switch, adapters
+
+
+class AdapterView(nn.Module):
+    """One of the three models DMDPipeline calls: the shared network with one adapter enabled.
+
+    Only the adapter's own parameters are registered here (the base is held without registering
+    it), so `view.parameters()` is exactly what its optimizer trains and the pipeline's
+    `teacher.requires_grad_(False)` touches nothing shared.
+    """
+
+    def __init__(self, net: nn.Module, switch: AdapterSwitch, adapter: str | None, lora: dict | None = None):
+        super().__init__()
+        object.__setattr__(self, "_net", net)
+        self.switch, self.adapter = switch, adapter
+        self.lora = nn.ModuleList(list((lora or {}).values()))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
+        with self.switch.use(self.adapter):
+            return self._net(hidden_states, timestep, encoder_hidden_states, **kwargs)
+
+
+def lora_state_dict(adapters: dict, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """One adapter set in ComfyUI's LoRA key format (alpha stored, so strength 1 = as trained)."""
+    out = {}
+    for path, adapter in adapters.items():
+        key = f"{prefix}{path}"
+        out[f"{key}.lora_down.weight"] = adapter.down.weight.detach().float().cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(adapter.alpha)
+    return out
+
+
+def save_lora(path: str, adapters: dict, recipe: Recipe | None = None, dtype=torch.float16):
+    """Write a LoRA atomically: a crash mid-write never leaves a partial file under `path`."""
+    tensors = {k: (v.to(dtype) if v.ndim else v) for k, v in lora_state_dict(adapters).items()}
+    metadata = {RECIPE_KEY: recipe.to_json()} if recipe is not None else {}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+@dataclass
+class DistillSettings:
+    steps: int = 4  # student sampling steps
+    timesteps: list[float] | None = None  # student noise levels in (0, 1], default evenly spaced from 0.999
+    guidance: float = 3.0  # teacher CFG inside the DMD loss
+    student_update_freq: int = 5  # fake-score updates per student update (DMD2's TTUR)
+    lr: float = 1e-4
+    fake_lr: float = 1e-4
+    batch: int = 16
+    grad_clip: float = 1.0
+    seed: int = 0
+    time_dist: str = "logitnormal"
+    extra: dict = field(default_factory=dict)
+
+    def t_list(self) -> list[float]:
+        if self.timesteps is not None:
+            if len(self.timesteps) != self.steps:
+                raise ValueError(f"{len(self.timesteps)} student timesteps for {self.steps} steps")
+            return [float(t) for t in self.timesteps] + [0.0]
+        return [0.999] + [1.0 - i / self.steps for i in range(1, self.steps)] + [0.0]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class DMDTrainer:
+    """DMD2 on one shared network: fake-score update every iteration, student every
+    `student_update_freq`, multi-step students by backward simulation (no real data needed).
+
+    `conditions(batch, generator) -> (positive, negative)` draws the conditioning each iteration.
+    """
+
+    def __init__(self, net: nn.Module, switch: AdapterSwitch, adapters: dict, settings: DistillSettings, conditions):
+        from modelopt.torch.fastgen import DMDConfig, DMDPipeline  # ~5 s import: only when training
+
+        self.net, self.switch, self.adapters, self.settings, self.conditions = net, switch, adapters, settings, conditions
+        config = DMDConfig(
+            pred_type="flow",
+            guidance_scale=settings.guidance,
+            student_sample_steps=settings.steps,
+            student_sample_type="sde",
+            backward_simulation=settings.steps > 1,
+            student_update_freq=settings.student_update_freq,
+            sample_t_cfg={"time_dist_type": settings.time_dist, "t_list": settings.t_list() if settings.steps > 1 else None},
+        )
+        self.student = AdapterView(net, switch, STUDENT, adapters[STUDENT])
+        self.fake_score = AdapterView(net, switch, FAKE, adapters[FAKE])
+        self.teacher = AdapterView(net, switch, None)
+        self.pipeline = DMDPipeline(self.student, self.teacher, self.fake_score, config)
+        self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, betas=(0.0, 0.999), weight_decay=0.0)
+        self.fake_opt = torch.optim.AdamW(self.fake_score.parameters(), lr=settings.fake_lr, betas=(0.0, 0.999), weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        torch.manual_seed(settings.seed)  # modelopt draws timesteps and noise from the global RNG
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    def _step(self, optimizer, params, loss: torch.Tensor, what: str):
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"{what} loss became {loss.item()} at iteration {self.iteration}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        optimizer.step()
+
+    def train_step(self) -> dict:
+        s = self.settings
+        positive, negative = self.conditions(s.batch, self.generator)
+        shape = self.sample_shape(s.batch)
+        noise = torch.randn(shape, generator=self.generator).to(self.device)
+        latents = torch.zeros_like(noise)  # backward simulation: the student makes its own inputs
+        record = {"iteration": self.iteration}
+        fake = self.pipeline.compute_fake_score_loss(latents, noise, positive)["total"]
+        self._step(self.fake_opt, list(self.fake_score.parameters()), fake, "fake-score")
+        record["fake_score"] = fake.item()
+        if self.iteration % s.student_update_freq == 0:
+            losses = self.pipeline.compute_student_loss(latents, noise, positive, negative_encoder_hidden_states=negative)
+            self._step(self.student_opt, list(self.student.parameters()), losses["total"], "student")
+            record["vsd"] = losses["vsd"].item()
+        self.iteration += 1
+        self.history.append(record)
+        return record
+
+    @property
+    def device(self):
+        return next(iter(self.adapters[STUDENT].values())).up.weight.device
+
+    def sample_shape(self, batch: int):
+        return (batch, *self.settings.extra.get("sample_shape", (3, 32, 32)))
+
+    # -------------------------------------------------------------- checkpoints and resume
+
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "student": {k: v for k, v in lora_state_dict(self.adapters[STUDENT]).items()},
+            "fake": {k: v for k, v in lora_state_dict(self.adapters[FAKE]).items()},
+            "student_opt": self.student_opt.state_dict(),
+            "fake_opt": self.fake_opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "history": [dict(r) for r in self.history],
+        }
+
+    def save_checkpoint(self, path: str):
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+
+    def load_checkpoint(self, path: str):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, key in ((STUDENT, "student"), (FAKE, "fake")):
+            for module_path, adapter in self.adapters[name].items():
+                prefix = f"diffusion_model.{module_path}"
+                adapter.down.weight.data.copy_(state[key][f"{prefix}.lora_down.weight"])
+                adapter.up.weight.data.copy_(state[key][f"{prefix}.lora_up.weight"])
+        self.student_opt.load_state_dict(state["student_opt"])
+        self.fake_opt.load_state_dict(state["fake_opt"])
+        torch.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+
+    def run(self, iterations: int, checkpoint_path: str | None = None, checkpoint_every: int = 0,
+            callback=None, should_stop=None) -> str:
+        """Train until `iterations` in total; returns "done", "stopped" or raises NonFiniteLoss.
+
+        A checkpoint is written every `checkpoint_every` iterations and when stopped, so a
+        cancelled or interrupted run resumes where it was (`load_checkpoint`)."""
+        while self.iteration < iterations:
+            if should_stop is not None and should_stop():
+                if checkpoint_path:
+                    self.save_checkpoint(checkpoint_path)
+                return "stopped"
+            record = self.train_step()
+            if callback is not None:
+                callback(record)
+            if checkpoint_path and checkpoint_every and self.iteration % checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_path)
+        if checkpoint_path:
+            self.save_checkpoint(checkpoint_path)
+        return "done"
+
+
+def student_recipe(settings: DistillSettings, family: str, teacher: str | None, shift: float | None = 1.0) -> Recipe:
+    """The recipe a DMD student is sampled with: its own noise levels, re-noised with fresh noise."""
+    t_list = settings.t_list()[:-1]
+    return Recipe(family=family, prediction="flow", steps=settings.steps, timesteps=[round(t * 1000) for t in t_list],
+                  cfg=1.0, shift=shift, sampler="multistep_sde", method="dmd2", teacher=teacher)
+
+
+def default_checkpoint_path(lora_path: str) -> str:
+    return os.path.splitext(lora_path)[0] + ".resume.pt"

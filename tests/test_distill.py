@@ -1,0 +1,131 @@
+"""DMD2 on one shared network: adapters, modelopt's losses, resume, NaN guard, LoRA files."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fastgen_core import distill
+from fastgen_core.networks import NULL_CLASS, DigitDiT, DigitDiTConfig, class_conditioning
+from fastgen_core.recipe import RECIPE_KEY, Recipe
+
+pytest.importorskip("modelopt.torch.fastgen")
+import modelopt.torch.fastgen.methods.dmd as modelopt_dmd  # noqa: E402
+
+
+def teacher_net(seed=0):
+    """A tiny digit DiT with every weight random (a fresh DiT's zeroed output layer would make
+    teacher, student and fake score agree exactly, and every loss zero)."""
+    net = DigitDiT(DigitDiTConfig(dim=32, depth=2, heads=2))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net
+
+
+def conditions(batch, generator):
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    return class_conditioning(labels)[:, 0], class_conditioning([NULL_CLASS] * batch)[:, 0]
+
+
+def trainer(seed=0, **settings):
+    net = teacher_net()
+    switch, adapters = distill.attach_lora(net, rank=4)
+    options = dict(steps=4, batch=4, student_update_freq=2, lr=1e-3, fake_lr=1e-3, seed=seed) | settings
+    return distill.DMDTrainer(net, switch, adapters, distill.DistillSettings(**options), conditions)
+
+
+def inputs(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 3, 32, 32, generator=gen), torch.rand(3, generator=gen), conditions(3, gen)[0]
+
+
+def test_teacher_student_and_fake_score_share_one_base():
+    reference = teacher_net()
+    x, t, c = inputs()
+    expected = reference(x, t, c)
+    tr = trainer()
+    with torch.no_grad():
+        assert torch.equal(tr.teacher(x, t, c), expected)
+        assert torch.equal(tr.student(x, t, c), expected)  # zero-initialised LoRA up weights
+        for adapter in tr.adapters[distill.STUDENT].values():
+            adapter.up.weight.normal_()
+        assert not torch.allclose(tr.student(x, t, c), expected)
+        assert torch.equal(tr.teacher(x, t, c), expected) and torch.equal(tr.fake_score(x, t, c), expected)
+    # one copy of the base: the views own only their adapters, the teacher nothing
+    assert list(tr.teacher.parameters()) == []
+    student_ids = {id(p) for p in tr.student.parameters()}
+    assert student_ids and student_ids.isdisjoint({id(p) for p in tr.fake_score.parameters()})
+    base = sum(p.numel() for name, p in tr.net.named_parameters() if ".adapters." not in name)
+    assert base == sum(p.numel() for p in reference.parameters())
+
+
+def test_losses_come_from_modelopt(monkeypatch):
+    calls = {"vsd": 0, "dsm": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(modelopt_dmd, "vsd_loss", counted("vsd", modelopt_dmd.vsd_loss))
+    monkeypatch.setattr(modelopt_dmd, "dsm_loss", counted("dsm", modelopt_dmd.dsm_loss))
+    tr = trainer()
+    before = {k: v.clone() for k, v in distill.lora_state_dict(tr.adapters[distill.STUDENT]).items()}
+    for _ in range(4):
+        record = tr.train_step()
+        assert record["fake_score"] > 0
+    assert calls == {"vsd": 2, "dsm": 4}  # fake score every iteration, student every second
+    after = distill.lora_state_dict(tr.adapters[distill.STUDENT])
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not train"
+
+
+def test_resume_continues_to_bit_identical_weights(tmp_path):
+    straight = trainer()
+    straight.run(6)
+    interrupted = trainer()
+    path = str(tmp_path / "student.resume.pt")
+    assert interrupted.run(6, checkpoint_path=path, should_stop=lambda: interrupted.iteration == 3) == "stopped"
+    resumed = trainer(seed=123)  # a different seed: everything must come from the checkpoint
+    resumed.load_checkpoint(path)
+    assert resumed.iteration == 3
+    assert resumed.run(6) == "done"
+    for name in (distill.STUDENT, distill.FAKE):
+        a, b = distill.lora_state_dict(straight.adapters[name]), distill.lora_state_dict(resumed.adapters[name])
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["fake_score"] for r in straight.history] == [r["fake_score"] for r in resumed.history]
+
+
+def test_non_finite_loss_stops_with_the_last_good_weights(monkeypatch):
+    tr = trainer()
+    tr.run(2)
+    good = {k: v.clone() for k, v in distill.lora_state_dict(tr.adapters[distill.FAKE]).items()}
+    monkeypatch.setattr(modelopt_dmd, "dsm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(distill.NonFiniteLoss, match="fake-score loss became nan at iteration 2"):
+        tr.run(4)
+    now = distill.lora_state_dict(tr.adapters[distill.FAKE])
+    assert all(torch.equal(good[k], now[k]) for k in good)
+
+
+def test_lora_file_has_comfy_keys_and_recipe_and_is_written_atomically(tmp_path, monkeypatch):
+    tr = trainer()
+    recipe = distill.student_recipe(tr.settings, family="fastgen-digits", teacher="digit_teacher")
+    assert recipe.timesteps == [999, 750, 500, 250] and recipe.cfg == 1.0 and recipe.sampler == "multistep_sde"
+    path = str(tmp_path / "student.safetensors")
+    distill.save_lora(path, tr.adapters[distill.STUDENT], recipe)
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        assert Recipe.from_json(f.metadata()[RECIPE_KEY]) == recipe
+    assert "diffusion_model.blocks.0.qkv.lora_up.weight" in keys and "diffusion_model.blocks.1.fc2.alpha" in keys
+    assert len(keys) == 2 * 4 * 3  # 2 blocks x (qkv, proj, fc1, fc2) x (up, down, alpha)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distill, "save_file", crash)
+    with pytest.raises(OSError):
+        distill.save_lora(str(tmp_path / "other.safetensors"), tr.adapters[distill.STUDENT], recipe)
+    assert sorted(os.listdir(tmp_path)) == ["student.safetensors"]
