@@ -2,6 +2,7 @@
 
     python -m fastgen_core.train classifier            # ~3 min on a 2-core CPU
     python -m fastgen_core.train teacher --minutes 18  # the image teacher, time-bounded
+    python -m fastgen_core.train student --student-steps 4 --minutes 10   # DMD2 student of the teacher
 
 The teacher is a rectified-flow DigitDiT: x_t = t * noise + (1 - t) * x0, loss ||v - (noise - x0)||^2,
 t from a logit-normal distribution (SD3), 10% of labels dropped to the null class for
@@ -75,6 +76,57 @@ def train_teacher(minutes: float | None = 18.0, steps: int | None = None, batch:
     return ema.eval().cpu()
 
 
+def digit_conditions(batch, generator):
+    """Random digits and the unconditional class, as the DMD teacher's CFG needs them."""
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    return networks.class_conditioning(labels)[:, 0], networks.class_conditioning([networks.NULL_CLASS] * batch)[:, 0]
+
+
+def merge_lora(net: networks.DigitDiT, adapters: dict) -> networks.DigitDiT:
+    """A plain DigitDiT with the student's LoRA folded into its weights (W + alpha/r * up @ down)."""
+    merged = networks.DigitDiT(net.config)
+    state = {}
+    for key, value in net.state_dict().items():
+        if ".adapters." in key:
+            continue
+        state[key.replace(".base.", ".")] = value.detach().clone()
+    for path, adapter in adapters.items():
+        delta = (adapter.up.weight @ adapter.down.weight) * (adapter.alpha / adapter.rank)
+        state[f"{path}.weight"] = state[f"{path}.weight"] + delta.detach().to(state[f"{path}.weight"])
+    merged.load_state_dict(state)
+    return merged.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample_student(net, labels, recipe: Recipe, seed: int = 0, device="cpu"):
+    from . import sampling
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    x = torch.randn(len(labels), 3, 32, 32, generator=gen).to(device)
+    sigmas = sampling.sigmas_from_timesteps(recipe.timesteps, lambda t: torch.as_tensor(t) / 1000.0)
+    denoiser = networks.guided_denoiser(net, networks.class_conditioning(labels)[:, 0].to(device), guidance=1.0)
+    return sampling.sample_multistep(denoiser, x, sigmas.to(device), noise="sde", generator=gen).cpu()
+
+
+def train_student(student_steps: int = 4, minutes: float = 10.0, batch: int = 32, lr: float = 1e-4, rank: int = 32,
+                  guidance: float = 3.0, update_freq: int = 5, seed: int = 0, device: str = "cpu", log=print):
+    """DMD2 (fastgen_core.distill) of the shipped teacher; returns (merged student, recipe, trainer)."""
+    from . import distill
+
+    torch.manual_seed(seed)
+    net, _ = checkpoint.load_network(TEACHER_PATH, device=device)
+    switch, adapters = distill.attach_lora(net, rank=rank, seed=seed)
+    settings = distill.DistillSettings(steps=student_steps, guidance=guidance, student_update_freq=update_freq, lr=lr, fake_lr=lr,
+                                       batch=batch, seed=seed)
+    trainer = distill.DMDTrainer(net, switch, adapters, settings, lambda b, g: tuple(c.to(device) for c in digit_conditions(b, g)))
+    start = time.time()
+    trainer.run(10**9, should_stop=lambda: time.time() - start > 60 * minutes,
+                callback=lambda r: log(f"iteration {r['iteration']}: {r}") if r["iteration"] % 200 == 0 else None)
+    recipe = distill.student_recipe(settings, family="fastgen-digits", teacher="digit_teacher")
+    return merge_lora(net, adapters[distill.STUDENT]), recipe, trainer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -91,9 +143,33 @@ def main(argv=None):
     t.add_argument("--depth", type=int, default=6)
     t.add_argument("--device", default="cpu", help="cpu, or cuda to go further on a GPU")
     t.add_argument("--out", default=TEACHER_PATH)
-    for p in (c, t):
+    s = sub.add_parser("student", help="distill the shipped teacher into a few-step student (DMD2 via modelopt)")
+    s.add_argument("--student-steps", type=int, default=4)
+    s.add_argument("--minutes", type=float, default=10.0)
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--rank", type=int, default=32)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--update-freq", type=int, default=5)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", default=None, help="default: assets/digit_student_<N>step.safetensors")
+    for p in (c, t, s):
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    if args.what == "student":
+        student, recipe, trainer = train_student(args.student_steps, args.minutes, args.batch, args.lr, args.rank, args.guidance,
+                                                 args.update_freq, args.seed, args.device)
+        out = args.out or os.path.join(metrics.ASSETS, f"digit_student_{args.student_steps}step.safetensors")
+        checkpoint.save_network(out, student, recipe)
+        print(f"{trainer.iteration} iterations; wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
+        classifier = metrics.load_classifier()
+        labels = torch.arange(500) % 10
+        samples = sample_student(student.to(args.device), labels, recipe, seed=1, device=args.device)
+        acc = metrics.conditional_accuracy(classifier, samples, labels)
+        fid = metrics.fid_vs_train(classifier, data.from_model_space(samples))
+        print(f"student@{args.student_steps}: accuracy {acc:.3f}, FID-like {fid:.2f} on 500 samples")
+        return
 
     if args.what == "classifier":
         net = metrics.train_classifier(steps=args.steps, seed=args.seed)
