@@ -237,12 +237,35 @@ def sample_digits(net: DigitDiT, labels, steps: int = 32, guidance: float = 3.0,
     sample = getattr(sampling, f"sample_{sampler}", None)
     if sample is None:
         raise ValueError(f"unknown sampler {sampler!r}")
+    return _sample_batches(net, labels, seed, guidance, sampling.flow_sigmas(steps, shift), sample, batch, callback)
+
+
+def _sample_batches(net, labels, seed, guidance, sigmas, sample, batch, callback=None):
     labels = torch.as_tensor(labels).reshape(-1)
     size = net.config.image_size
+    device = next(net.parameters()).device
     noise = torch.randn(len(labels), net.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    sigmas = sampling.flow_sigmas(steps, shift)
     out = []
     for i in range(0, len(labels), batch):
-        denoiser = guided_denoiser(net, class_conditioning(labels[i : i + batch])[:, 0], guidance)
-        out.append(sample(denoiser, noise[i : i + batch], sigmas, callback=callback))
+        denoiser = guided_denoiser(net, class_conditioning(labels[i : i + batch])[:, 0].to(device), guidance)
+        out.append(sample(denoiser, noise[i : i + batch].to(device), sigmas.to(device), callback=callback).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_with_recipe(net: DigitDiT, labels, recipe, seed: int = 0, batch: int = 256) -> torch.Tensor:
+    """Digits sampled the way the recipe says: a teacher's ODE solver over `steps`, or a DMD
+    student's multistep sampling at its own timesteps (fresh noise from the seed's generator)."""
+    from . import sampling
+
+    if recipe.sampler in ("multistep_sde", "multistep_ode"):
+        sigmas = sampling.sigmas_from_timesteps(recipe.timesteps, lambda t: torch.as_tensor(t, dtype=torch.float32) / 1000.0)
+        generator = torch.Generator().manual_seed(seed + 1)
+        noise = recipe.sampler.removeprefix("multistep_")
+
+        def sample(denoiser, x, sigmas, callback=None):
+            return sampling.sample_multistep(denoiser, x, sigmas, noise=noise, generator=generator, callback=callback)
+
+        return _sample_batches(net, labels, seed, recipe.cfg, sigmas, sample, batch)
+    return sample_digits(net, labels, steps=recipe.steps, guidance=recipe.cfg, seed=seed, shift=recipe.shift or 1.0,
+                         sampler=recipe.sampler, batch=batch)

@@ -97,18 +97,6 @@ def merge_lora(net: networks.DigitDiT, adapters: dict) -> networks.DigitDiT:
     return merged.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def sample_student(net, labels, recipe: Recipe, seed: int = 0, device="cpu"):
-    from . import sampling
-
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    x = torch.randn(len(labels), 3, 32, 32, generator=gen).to(device)
-    sigmas = sampling.sigmas_from_timesteps(recipe.timesteps, lambda t: torch.as_tensor(t) / 1000.0)
-    denoiser = networks.guided_denoiser(net, networks.class_conditioning(labels)[:, 0].to(device), guidance=1.0)
-    return sampling.sample_multistep(denoiser, x, sigmas.to(device), noise="sde", generator=gen).cpu()
-
-
 def train_student(student_steps: int = 4, minutes: float = 10.0, batch: int = 32, lr: float = 1e-4, rank: int = 32,
                   guidance: float = 3.0, update_freq: int = 5, seed: int = 0, device: str = "cpu", log=print):
     """DMD2 (fastgen_core.distill) of the shipped teacher; returns (merged student, recipe, trainer)."""
@@ -165,7 +153,7 @@ def main(argv=None):
         print(f"{trainer.iteration} iterations; wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
         classifier = metrics.load_classifier()
         labels = torch.arange(500) % 10
-        samples = sample_student(student.to(args.device), labels, recipe, seed=1, device=args.device)
+        samples = networks.sample_with_recipe(student.to(args.device), labels, recipe, seed=1)
         acc = metrics.conditional_accuracy(classifier, samples, labels)
         fid = metrics.fid_vs_train(classifier, data.from_model_space(samples))
         print(f"student@{args.student_steps}: accuracy {acc:.3f}, FID-like {fid:.2f} on 500 samples")

@@ -115,11 +115,12 @@ def embedded_fast_solver() -> Graph:
     return g
 
 
-def embedded_recipe() -> Graph:
-    """FastGen Load Student -> Student KSampler: the file's own recipe drives sampling, no settings.
-    Both nodes are drawn tall enough for the text they show after a run (recipe, sigmas used)."""
+def embedded_student() -> Graph:
+    """The 4-step DMD student of the embedded teacher: FastGen Load Student -> Student KSampler, no
+    settings (the file's recipe: timesteps 999/750/500/250, cfg 1, multistep_sde). Both nodes are
+    drawn tall enough for the text they show after a run (recipe, sigmas used)."""
     g = Graph()
-    model = g.node("FastGenLoadStudent", ["embedded/digit_teacher.safetensors"],
+    model = g.node("FastGenLoadStudent", ["embedded/digit_student_4step.safetensors"],
                    outputs=[("MODEL", "MODEL"), ("recipe", "STRING")], pos=(40, 60), size=(360, 220))
     cond = g.node("FastGenDigitConditioning", ["0123456789"],
                   outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(40, 320))
@@ -128,7 +129,7 @@ def embedded_recipe() -> Graph:
     sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
                      outputs=[("LATENT", "LATENT")], pos=(440, 60), size=(380, 560))
     link_sampler(g, sampler, model, cond, latent)
-    pixel_decode_and_save(g, sampler, "fastgen/digits_recipe", vae_pos=(860, 560), decode_x=860)
+    pixel_decode_and_save(g, sampler, "fastgen/digits_4_steps", vae_pos=(860, 560), decode_x=860)
     return g
 
 
@@ -174,7 +175,7 @@ def wan_step_distill_lora() -> Graph:
 WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
-    "embedded_recipe.json": embedded_recipe,
+    "embedded_student.json": embedded_student,
     "wan_step_distill_lora.json": wan_step_distill_lora,
 }
 

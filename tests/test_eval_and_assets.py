@@ -55,3 +55,31 @@ def test_png_writer_round_trips_through_pillow(tmp_path):
     back = np.asarray(Image.open(tmp_path / "g.png")).astype(np.float32) / 255
     expected = (grid.permute(1, 2, 0).numpy() * 255).round() / 255
     np.testing.assert_allclose(back[::2, ::2], expected, atol=1e-6)
+
+
+STUDENTS = {4: "digit_student_4step.safetensors", 1: "digit_student_1step.safetensors"}
+
+
+@pytest.mark.parametrize("steps", sorted(STUDENTS))
+def test_shipped_students_carry_their_recipe_and_draw_the_requested_digits(steps):
+    from fastgen_core.networks import sample_with_recipe
+
+    path = os.path.join(metrics.ASSETS, STUDENTS[steps])
+    assert os.path.getsize(path) <= 5e6
+    net, recipe = checkpoint.load_network(path)
+    assert (recipe.method, recipe.steps, recipe.cfg, recipe.sampler) == ("dmd2", steps, 1.0, "multistep_sde")
+    assert len(recipe.timesteps) == steps and recipe.timesteps[0] == 999
+    labels = torch.arange(50) % 10
+    samples = sample_with_recipe(net, labels, recipe, seed=123)
+    assert metrics.conditional_accuracy(metrics.load_classifier(), samples, labels) >= 0.9
+
+
+def test_demo_compares_every_shipped_model(tmp_path, capsys):
+    from fastgen_core import demo
+
+    out = str(tmp_path / "demo.png")
+    demo.main(["--out", out, "--quality-samples", "20"])
+    printed = capsys.readouterr().out
+    for name in ("digit_teacher.safetensors", *STUDENTS.values()):
+        assert name in printed
+    assert os.path.getsize(out) > 0

@@ -151,7 +151,7 @@ def test_page_shows_the_recipe_on_the_nodes_after_a_run(comfy):
 
     if find_chromium() is None:
         pytest.skip("no Chromium for the page test (apt-get install chromium)")
-    workflow = load_workflow("embedded_recipe.json")
+    workflow = load_workflow("embedded_student.json")
     for node in workflow["nodes"]:
         if node["type"] == "FastGenStudentSampler":
             node["widgets_values"][0] = 1234  # a seed no other test used: the run is not cached
@@ -171,4 +171,4 @@ def test_page_shows_the_recipe_on_the_nodes_after_a_run(comfy):
 
     shown = asyncio.run(run())
     # (the loader's own box is filled only when it runs; an earlier test's run of the same graph is cached)
-    assert shown["FastGenStudentSampler"].startswith("32 steps, cfg 3, euler, sigmas 1, 0.969"), shown
+    assert shown["FastGenStudentSampler"].startswith("4 steps, cfg 1, multistep_sde, sigmas 0.999, 0.75, 0.5, 0.25, 0"), shown
