@@ -133,6 +133,15 @@ KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
         file_pattern=r"lightx2v.*(step|cfg).*distill|stepdistill.*cfgdistill",
     ),
     KnownStudent(
+        # Kijai's LoRA of lightx2v's 14B CausVid: cfg 1, at least 4 steps, reduced strength (his issue #576);
+        # the 9 timesteps of LightX2V's 14B CausVid config used directly as sigmas, as his flowmatch_causvid does
+        "CausVid Wan 2.1 LoRA (Kijai)", "lora",
+        Recipe(family="wan2.1", prediction="flow", steps=9, timesteps=[999, 934, 862, 756, 603, 410, 250, 140, 74], shift=1.0,
+               cfg=1.0, sampler="multistep_sde", method="dmd (causvid)",
+               source="https://github.com/kijai/ComfyUI-WanVideoWrapper/issues/576"),
+        file_pattern=r"causvid",
+    ),
+    KnownStudent(
         "DMD2 SDXL 4-step", "model",
         Recipe(family="sdxl", prediction="eps", steps=4, timesteps=[999, 749, 499, 249], cfg=1.0, sampler="multistep_sde",
                method="dmd2", source=_DMD2),
@@ -143,12 +152,6 @@ KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
         Recipe(family="sdxl", prediction="eps", steps=4, timesteps=[999, 749, 499, 249], cfg=1.0, sampler="multistep_sde",
                method="dmd2", source=_DMD2),
         file_pattern=r"dmd2.*sdxl.*4.?step",
-    ),
-    KnownStudent(
-        "DMD2 SDXL 1-step", "model",
-        Recipe(family="sdxl", prediction="eps", steps=1, timesteps=[399], cfg=1.0, sampler="multistep_sde", method="dmd2",
-               source=_DMD2),
-        file_pattern=r"dmd2.*sdxl.*1.?step",
     ),
     KnownStudent(
         "SDXL-Lightning", "model",
@@ -163,20 +166,33 @@ KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
         file_pattern=r"sdxl_lightning_(?P<steps>[248])step_lora",
     ),
     KnownStudent(
+        # the "unified" 1-step LoRA serves 1 to 8 steps with TCD at eta (gamma) 1; lower gamma for more detail
+        "Hyper-SD 1-step unified LoRA (SDXL)", "lora",
+        Recipe(family="sdxl", prediction="eps", steps=1, scheduler="simple", cfg=1.0, sampler="tcd", gamma=1.0,
+               method="hyper-sd", source=_HYPER),
+        file_pattern=r"hyper-sdxl-1step-lora",
+    ),
+    KnownStudent(
+        "Hyper-SD 1-step unified LoRA (SD1.5)", "lora",
+        Recipe(family="sd15", prediction="eps", steps=1, scheduler="simple", cfg=1.0, sampler="tcd", gamma=1.0,
+               method="hyper-sd", source=_HYPER),
+        file_pattern=r"hyper-sd15-1step-lora",
+    ),
+    KnownStudent(
         "Hyper-SDXL CFG-preserving LoRA", "lora",
-        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=5.0, sampler="ddim",
+        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="simple", cfg=5.0, sampler="ddim",
                method="hyper-sd", source=_HYPER),
         file_pattern=r"hyper-sdxl-(?P<steps>\d+)steps?-cfg-lora",
     ),
     KnownStudent(
         "Hyper-SDXL LoRA", "lora",
-        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=1.0, sampler="ddim",
+        Recipe(family="sdxl", prediction="eps", steps=8, scheduler="simple", cfg=1.0, sampler="ddim",
                method="hyper-sd", source=_HYPER),
         file_pattern=r"hyper-sdxl-(?P<steps>\d+)steps?-lora",
     ),
     KnownStudent(
         "Hyper-SD1.5 LoRA", "lora",
-        Recipe(family="sd15", prediction="eps", steps=8, scheduler="sgm_uniform", cfg=1.0, sampler="ddim",
+        Recipe(family="sd15", prediction="eps", steps=8, scheduler="simple", cfg=1.0, sampler="ddim",
                method="hyper-sd", source=_HYPER),
         file_pattern=r"hyper-sd15-(?P<steps>\d+)steps?-lora",
     ),

@@ -19,12 +19,14 @@ def test_every_field_round_trips_through_json():
     ("Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors", "lora", "wan2.2", "lightx2v", 4),  # 2.1 LoRAs serve 2.2
     ("dmd2_sdxl_4step_unet_fp16.safetensors", "model", "sdxl", "DMD2 SDXL 4-step", 4),
     ("dmd2_sdxl_4step_lora_fp16.safetensors", "lora", "sdxl", "DMD2 SDXL 4-step LoRA", 4),
-    ("dmd2_sdxl_1step_unet_fp16.bin", "model", "sdxl", "DMD2 SDXL 1-step", 1),
+    ("Wan21_CausVid_14B_T2V_lora_rank32_v2.safetensors", "lora", "wan2.1", "CausVid", 9),
+    ("Hyper-SDXL-1step-lora.safetensors", "lora", "sdxl", "Hyper-SD 1-step unified LoRA (SDXL)", 1),
     ("sdxl_lightning_8step_lora.safetensors", "lora", "sdxl", "SDXL-Lightning LoRA", 8),
     ("sdxl_lightning_2step_unet.safetensors", "model", "sdxl", "SDXL-Lightning", 2),
     ("Hyper-SDXL-4steps-lora.safetensors", "lora", "sdxl", "Hyper-SDXL LoRA", 4),
     ("Hyper-SDXL-12steps-CFG-lora.safetensors", "lora", "sdxl", "Hyper-SDXL CFG-preserving LoRA", 12),
-    ("Hyper-SD15-1step-lora.safetensors", "lora", "sd15", "Hyper-SD1.5 LoRA", 1),
+    ("Hyper-SD15-1step-lora.safetensors", "lora", "sd15", "Hyper-SD 1-step unified LoRA (SD1.5)", 1),
+    ("Hyper-SD15-2steps-lora.safetensors", "lora", "sd15", "Hyper-SD1.5 LoRA", 2),
     ("Hyper-FLUX.1-dev-16steps-lora.safetensors", "lora", "flux", "Hyper-FLUX.1-dev LoRA", 16),
     ("flux1-schnell-fp8.safetensors", "model", "flux", "FLUX.1 schnell", 4),
     ("Qwen-Image-Lightning-4steps-V1.0.safetensors", "lora", "qwen-image", "Qwen-Image-Lightning", 4),
@@ -43,6 +45,8 @@ def test_identification_respects_family_kind_and_keys():
     assert identify_student("Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", family="sdxl") is None
     assert identify_student("dmd2_sdxl_4step_lora_fp16.safetensors", kind="model", family="sdxl").kind == "model"
     assert identify_student("my_model.safetensors", family="sdxl") is None
+    # DMD2's 1-step UNet starts from unit-variance noise at t=399, which a sigma schedule cannot express: not in the table
+    assert identify_student("dmd2_sdxl_1step_unet_fp16.bin", family="sdxl", kind="model") is None
     # FLUX without the guidance embedder is schnell, whatever the file is called
     schnell = identify_student("flux_renamed.safetensors", keys=["double_blocks.0.img_attn.qkv.weight"], family="flux", kind="model")
     assert schnell is not None and schnell.name == "FLUX.1 schnell"
