@@ -101,6 +101,15 @@ def attach_lora(net: nn.Module, names=(STUDENT, FAKE), rank: int = 16, targets=d
     return switch, adapters
 
 
+def detach_lora(net: nn.Module) -> nn.Module:
+    """Put the original Linear layers back (undoes `attach_lora`; the adapters are dropped)."""
+    for path, module in list(net.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_path, _, child = path.rpartition(".")
+            setattr(net.get_submodule(parent_path) if parent_path else net, child, module.base)
+    return net
+
+
 class AdapterView(nn.Module):
     """One of the three models DMDPipeline calls: the shared network with one adapter enabled.
 
@@ -151,6 +160,8 @@ class DistillSettings:
     grad_clip: float = 1.0
     seed: int = 0
     time_dist: str = "logitnormal"
+    pred_type: str = "flow"  # what the wrapped network returns: "flow" (velocity) or "x0"
+    sample_shape: tuple = (3, 32, 32)  # one sample, without the batch dimension
     extra: dict = field(default_factory=dict)
 
     def t_list(self) -> list[float]:
@@ -177,7 +188,7 @@ class DMDTrainer:
 
         self.net, self.switch, self.adapters, self.settings, self.conditions = net, switch, adapters, settings, conditions
         config = DMDConfig(
-            pred_type="flow",
+            pred_type=settings.pred_type,
             guidance_scale=settings.guidance,
             student_sample_steps=settings.steps,
             student_sample_type="sde",
@@ -227,7 +238,7 @@ class DMDTrainer:
         return next(iter(self.adapters[STUDENT].values())).up.weight.device
 
     def sample_shape(self, batch: int):
-        return (batch, *self.settings.extra.get("sample_shape", (3, 32, 32)))
+        return (batch, *self.settings.sample_shape)
 
     # -------------------------------------------------------------- checkpoints and resume
 
@@ -282,11 +293,20 @@ class DMDTrainer:
         return "done"
 
 
-def student_recipe(settings: DistillSettings, family: str, teacher: str | None, shift: float | None = 1.0) -> Recipe:
-    """The recipe a DMD student is sampled with: its own noise levels, re-noised with fresh noise."""
+def student_recipe(settings: DistillSettings, family: str, teacher: str | None, shift: float | None = 1.0,
+                   as_sigmas: bool = False) -> Recipe:
+    """The recipe a DMD student is sampled with: its own noise levels, re-noised with fresh noise.
+
+    The students are trained at RF times t, which are the flow sigmas themselves. As timesteps
+    (t * 1000) they are exact only under shift 1 (the embedded models); for a host model with its
+    own shift (Wan: 8) the recipe stores the sigmas instead, which no shift changes.
+    """
     t_list = settings.t_list()[:-1]
-    return Recipe(family=family, prediction="flow", steps=settings.steps, timesteps=[round(t * 1000) for t in t_list],
-                  cfg=1.0, shift=shift, sampler="multistep_sde", method="dmd2", teacher=teacher)
+    common = dict(family=family, prediction="flow", steps=settings.steps, cfg=1.0, sampler="multistep_sde", method="dmd2",
+                  teacher=teacher)
+    if as_sigmas:
+        return Recipe(**common, sigmas=[float(t) for t in t_list], shift=None)
+    return Recipe(**common, timesteps=[round(t * 1000) for t in t_list], shift=shift)
 
 
 def default_checkpoint_path(lora_path: str) -> str:

@@ -1,11 +1,12 @@
 """ComfyUI nodes: thin adapters over fastgen_core, one module per capability."""
 
 from .conditioning import FastGenDigitConditioning
+from .distill import FastGenDistillDMD
 from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
 
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
-    FastGenSampler, FastGenSigmas, FastGenStudentSampler,
+    FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
 ]

@@ -129,3 +129,19 @@ def test_lora_file_has_comfy_keys_and_recipe_and_is_written_atomically(tmp_path,
     with pytest.raises(OSError):
         distill.save_lora(str(tmp_path / "other.safetensors"), tr.adapters[distill.STUDENT], recipe)
     assert sorted(os.listdir(tmp_path)) == ["student.safetensors"]
+
+
+def test_detach_lora_restores_the_original_network():
+    net = teacher_net()
+    x, t, c = inputs()
+    expected = net(x, t, c)
+    linears = {name: type(m) for name, m in net.named_modules()}
+    switch, adapters = distill.attach_lora(net, rank=4)
+    for adapter in adapters[distill.STUDENT].values():
+        torch.nn.init.normal_(adapter.up.weight)
+    with switch.use(distill.STUDENT), torch.no_grad():
+        assert not torch.allclose(net(x, t, c), expected)
+    distill.detach_lora(net)
+    assert {name: type(m) for name, m in net.named_modules()} == linears
+    with switch.use(distill.STUDENT), torch.no_grad():
+        assert torch.equal(net(x, t, c), expected)
