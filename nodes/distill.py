@@ -109,7 +109,8 @@ class FastGenDistillDMD(io.ComfyNode):
                                "DMD loss; the student learns the guided result and samples at cfg 1."),
                 io.Int.Input("update_ratio", default=5, min=1, max=20, tooltip="Fake-score updates per student update (DMD2: 5)."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per iteration."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds the LoRAs, the prompts drawn and all noise."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seeds the LoRAs, the prompts drawn and all noise."),
                 io.String.Input("save_name", default="fastgen/dmd_student", tooltip="Where the LoRA goes, relative to "
                                 "models/loras ('.safetensors' added). An existing file is never overwritten unless resuming."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (its .resume.pt "

@@ -133,6 +133,28 @@ def embedded_student() -> Graph:
     return g
 
 
+def distill_dmd_lora() -> Graph:
+    """The embedded teacher -> FastGen DMD Distill (2-step LoRA student, 200 iterations) -> the student
+    sampled by its recipe -> decode and save; the loss chart is previewed."""
+    g = Graph()
+    model, cond, latent = digit_inputs(g)
+    dmd_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]
+    dmd = g.node("FastGenDistillDMD", [2, 200, 1e-3, 16, 3.0, 5, 8, 0, "fixed", "fastgen/digit_dmd_student", False], inputs=dmd_inputs,
+                 outputs=[("student", "MODEL"), ("loss_chart", "IMAGE")], pos=(420, 60), size=(360, 600))
+    chart = g.node("PreviewImage", inputs=[("images", "IMAGE")], pos=(1220, 440), size=(400, 240), title="loss chart")
+    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
+    sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
+                     outputs=[("LATENT", "LATENT")], pos=(820, 60), size=(360, 500))
+    g.link(model, 0, dmd, "model")
+    g.link(cond, 0, dmd, "positive")
+    g.link(cond, 1, dmd, "negative")
+    g.link(latent, 0, dmd, "latent")
+    g.link(dmd, 1, chart, "images")
+    link_sampler(g, sampler, dmd, cond, latent)
+    pixel_decode_and_save(g, sampler, "fastgen/digits_dmd_student", vae_pos=(820, 600), decode_x=1220)
+    return g
+
+
 # The Wan files as ComfyUI's own Wan 2.1 examples name them, and lightx2v's LoRA as it is distributed.
 WAN_MODEL = "wan2.1_t2v_14B_fp16.safetensors"
 WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
@@ -176,6 +198,7 @@ WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
     "embedded_student.json": embedded_student,
+    "distill_dmd_lora.json": distill_dmd_lora,
     "wan_step_distill_lora.json": wan_step_distill_lora,
 }
 

@@ -59,7 +59,7 @@ async def main():
         object_info = server.get("/object_info")
         server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template dialog
         server.post("/settings/Comfy.Minimap.Visible", False)
-        browser = await Browser().session()
+        browser = await Browser(width=1600, height=900).session()
         for wf_path in sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json"))):
             name = os.path.splitext(os.path.basename(wf_path))[0]
             with open(wf_path) as f:
@@ -76,7 +76,8 @@ async def main():
                 await queue_from_page(browser, server)
                 history = server.get("/history?max_items=1")
                 [entry] = history.values()
-                save_output_grid(server.output_files(entry), os.path.join(ROOT, "docs", f"{name}_output.png"))
+                saved = [f for f in server.output_files(entry) if os.sep + "output" + os.sep in f]  # not temp previews
+                save_output_grid(saved, os.path.join(ROOT, "docs", f"{name}_output.png"))
             await fit_view(browser)
             await browser.screenshot(os.path.join(ROOT, "docs", f"{name}_workflow.png"))
             print("wrote", name)

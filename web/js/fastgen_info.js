@@ -4,7 +4,7 @@
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
-const NODES_WITH_INFO = ["FastGenLoadStudent", "FastGenLoadStudentLoRA", "FastGenStudentSampler"];
+const NODES_WITH_INFO = ["FastGenLoadStudent", "FastGenLoadStudentLoRA", "FastGenStudentSampler", "FastGenDistillDMD"];
 
 app.registerExtension({
   name: "FastGen.NodeInfo",
