@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -57,6 +57,10 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x):
         return self.up(self.down(x)) * (self.alpha / self.rank)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change to the patched weight, (alpha / rank) * up @ down (what merging adds)."""
+        return (self.up.weight @ self.down.weight) * (self.alpha / self.rank)
 
 
 class LoRALinear(nn.Module):
@@ -162,7 +166,6 @@ class DistillSettings:
     time_dist: str = "logitnormal"
     pred_type: str = "flow"  # what the wrapped network returns: "flow" (velocity) or "x0"
     sample_shape: tuple = (3, 32, 32)  # one sample, without the batch dimension
-    extra: dict = field(default_factory=dict)
 
     def t_list(self) -> list[float]:
         if self.timesteps is not None:
@@ -245,8 +248,8 @@ class DMDTrainer:
     def state(self) -> dict:
         return {
             "iteration": self.iteration,
-            "student": {k: v for k, v in lora_state_dict(self.adapters[STUDENT]).items()},
-            "fake": {k: v for k, v in lora_state_dict(self.adapters[FAKE]).items()},
+            "student": lora_state_dict(self.adapters[STUDENT]),
+            "fake": lora_state_dict(self.adapters[FAKE]),
             "student_opt": self.student_opt.state_dict(),
             "fake_opt": self.fake_opt.state_dict(),
             "rng": torch.get_rng_state(),

@@ -90,7 +90,7 @@ class KnownStudent:
     key_rule: tuple[str, bool] | None = None
 
 
-def _families_compatible(student_family: str, family: str | None) -> bool:
+def families_compatible(student_family: str, family: str | None) -> bool:
     if family is None:
         return True
     if student_family.startswith("wan") and family.startswith("wan"):
@@ -101,7 +101,7 @@ def _families_compatible(student_family: str, family: str | None) -> bool:
 def identify_student(filename: str, keys=(), family: str | None = None, kind: str | None = None) -> KnownStudent | None:
     """The known student a file is, from its name first and then its keys; None when unknown."""
     name = filename.lower()
-    candidates = [s for s in KNOWN_STUDENTS if (kind is None or s.kind == kind) and _families_compatible(s.recipe.family, family)]
+    candidates = [s for s in KNOWN_STUDENTS if (kind is None or s.kind == kind) and families_compatible(s.recipe.family, family)]
     for student in candidates:
         match = re.search(student.file_pattern, name) if student.file_pattern else None
         if match:

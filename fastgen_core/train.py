@@ -91,8 +91,7 @@ def merge_lora(net: networks.DigitDiT, adapters: dict) -> networks.DigitDiT:
             continue
         state[key.replace(".base.", ".")] = value.detach().clone()
     for path, adapter in adapters.items():
-        delta = (adapter.up.weight @ adapter.down.weight) * (adapter.alpha / adapter.rank)
-        state[f"{path}.weight"] = state[f"{path}.weight"] + delta.detach().to(state[f"{path}.weight"])
+        state[f"{path}.weight"] = state[f"{path}.weight"] + adapter.delta_weight().detach().to(state[f"{path}.weight"])
     merged.load_state_dict(state)
     return merged.eval().requires_grad_(False)
 

@@ -20,7 +20,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..fastgen_core import distill, images
+from ..fastgen_core import distill, images, sampling
 from .adapters.recipes import host_family, with_recipe
 
 
@@ -185,13 +185,12 @@ class FastGenDistillDMD(io.ComfyNode):
     @staticmethod
     @torch.no_grad()
     def _student_sample(trainer, positive_row):
-        """The student's current one-prompt sample at its own steps (for the progress preview)."""
-        t_list = trainer.settings.t_list()
+        """The student's current one-prompt sample at its own noise levels (for the progress preview)."""
+        sigmas = torch.tensor(trainer.settings.t_list(), device=positive_row.device)
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn((1, *trainer.settings.sample_shape), generator=generator).to(positive_row.device) * t_list[0]
-        x0 = x
-        for t, t_next in zip(t_list[:-1], t_list[1:], strict=True):
-            x0 = trainer.student(x, torch.full((1,), t, device=x.device), positive_row)
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = (1 - t_next) * x0 + t_next * noise
-        return x0
+        x = torch.randn((1, *trainer.settings.sample_shape), generator=generator).to(positive_row.device) * sigmas[0]
+
+        def denoiser(x, sigma):  # the host denoiser returns x0 (pred_type "x0")
+            return trainer.student(x, sigma.reshape(1), positive_row)
+
+        return sampling.sample_multistep(denoiser, x, sigmas, noise="sde", generator=generator)

@@ -26,10 +26,10 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, students
-from ..fastgen_core.recipe import RECIPE_KEY, Recipe, identify_student
+from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, identify_student
 from .adapters.embedded import load_digit_model
-from .adapters.recipes import apply_recipe_shift, describe, families_match, host_family, model_recipe, recipe_sigmas, with_recipe
-from .loaders import EMBEDDED_PREFIX, embedded_models, resolve_model_path
+from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe
+from .loaders import embedded_models, resolve_model_path
 from .sampling import METHODS, sampler_function
 
 log = logging.getLogger("fastgen")
@@ -120,9 +120,7 @@ class FastGenLoadStudent(io.ComfyNode):
 
     @classmethod
     def execute(cls, student_name: str) -> io.NodeOutput:
-        path = resolve_model_path(student_name) if student_name.startswith(EMBEDDED_PREFIX) else \
-            folder_paths.get_full_path_or_raise("diffusion_models", student_name)
-        model, recipe, note = load_student(path)
+        model, recipe, note = load_student(resolve_model_path(student_name))
         text = f"{describe(recipe)}\n{note}"
         return io.NodeOutput(with_recipe(model, recipe), text, ui=ui.PreviewText(text))
 
@@ -176,7 +174,7 @@ class FastGenLoadStudentLoRA(io.ComfyNode):
             recipe = model_recipe(model)  # a style LoRA on a student keeps the student's recipe
             if recipe is not None:
                 note = "the LoRA has no recipe; kept the input model's"
-        if recipe is not None and not families_match(recipe.family, family):
+        if recipe is not None and not families_compatible(recipe.family, family):
             _warn(messages, f"the recipe is for {recipe.family}, but the model is {family}")
         if recipe is not None and recipe.lora_strength is not None and abs(recipe.lora_strength - strength) > 1e-6:
             _warn(messages, f"the student's authors use strength {recipe.lora_strength:g}; this node has {strength:g}")
@@ -209,7 +207,7 @@ def plan_sampling(model, steps: int, cfg: float, sampler: str, scheduler: str):
         return model, recipe, steps, cfg, sampler, (None if scheduler == "recipe" else scheduler), messages
 
     family = host_family(model)
-    if not families_match(recipe.family, family):
+    if not families_compatible(recipe.family, family):
         _warn(messages, f"the recipe is for {recipe.family}, but the model is {family}")
     use_steps = steps or recipe.steps
     use_cfg = cfg or recipe.cfg

@@ -46,13 +46,6 @@ def host_family(model) -> str:
     return next((family for prefix, family in _HOST_FAMILIES if name.startswith(prefix)), name.lower())
 
 
-def families_match(recipe_family: str, model_family: str) -> bool:
-    # Wan 2.1 students (lightx2v, CausVid LoRAs) are used on Wan 2.2 models too.
-    if recipe_family.startswith("wan") and model_family.startswith("wan"):
-        return True
-    return recipe_family == model_family
-
-
 def host_alpha(model_sampling):
     """alpha(sigma) of a host model: the weight of x0 in the host's own noise scaling."""
 
