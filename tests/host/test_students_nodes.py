@@ -199,3 +199,23 @@ def test_diffusers_layout_wan_student_loads_as_the_same_model(comfy):
     torch.testing.assert_close(sampled("tiny_wan_diffusers.safetensors"), sampled("tiny_wan.safetensors"))
     log = comfy.log()[log_before:]
     assert "unet missing" not in log and "unet unexpected" not in log and "left over keys" not in log
+
+
+def test_student_models_still_take_core_lora_and_easycache(comfy):
+    """The loaders' MODELs are native: a core LoRA and EasyCache stack on them and keep the recipe."""
+    nodes = {
+        **unet("tiny_wan.safetensors"),
+        "student": {"class_type": "FastGenLoadStudentLoRA", "inputs": {"model": ["m", 0], "strength": 1.0,
+                    "lora_name": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"}},
+        "style": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["student", 0], "lora_name": "tiny_wan_lora_kohya.safetensors",
+                                                                   "strength_model": 1.0}},
+        "cache": {"class_type": "EasyCache", "inputs": {"model": ["style", 0], "reuse_threshold": 0.2, "start_percent": 0.15,
+                                                         "end_percent": 0.95, "verbose": False}},
+    }
+    plain = dict(nodes)
+    plain.pop("style")
+    plain["cache"] = dict(nodes["cache"], inputs=dict(nodes["cache"]["inputs"], model=["student", 0]))
+    with_style, entry = run_latent(comfy, graph(nodes, ["cache", 0]))
+    assert torch.isfinite(with_style).all()
+    assert node_text(entry, "s").startswith("4 steps, cfg 1, multistep_sde"), "the recipe did not survive the core patches"
+    assert not torch.allclose(with_style, run_latent(comfy, graph(plain, ["cache", 0]))[0]), "the core LoRA had no effect"
