@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 from torch import nn
 
@@ -114,6 +115,49 @@ def detach_lora(net: nn.Module) -> nn.Module:
     return net
 
 
+BLOCK_LISTS = ("blocks", "transformer_blocks", "double_blocks", "single_blocks", "input_blocks", "output_blocks")
+
+
+def enable_gradient_checkpointing(net: nn.Module, switch: AdapterSwitch) -> int:
+    """Recompute each block's activations in the backward pass instead of keeping them (memory
+    for time). Returns the number of blocks. The recomputation runs after the forward's adapter
+    context has closed, so each checkpointed call re-enters the adapter that was active when it ran:
+    without that, the backward would recompute the bare teacher and train nothing."""
+    count = 0
+    for name, module in net.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
+            for block in module:
+                _checkpoint_block(block, switch)
+                count += 1
+    if not count:
+        raise ValueError(f"{type(net).__name__} has no block list ({', '.join(BLOCK_LISTS)}) to checkpoint")
+    return count
+
+
+def _checkpoint_block(block: nn.Module, switch: AdapterSwitch):
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        active = switch.active
+
+        def run(*a, **k):
+            with switch.use(active):
+                return forward(*a, **k)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    checkpointed.fastgen_checkpoint = True
+    block.forward = checkpointed  # an instance attribute: nn.Module.__call__ picks it up
+
+
+def disable_gradient_checkpointing(net: nn.Module):
+    for module in net.modules():
+        if getattr(module.__dict__.get("forward"), "fastgen_checkpoint", False):
+            del module.forward
+
+
 class AdapterView(nn.Module):
     """One of the three models DMDPipeline calls: the shared network with one adapter enabled.
 
@@ -164,8 +208,11 @@ class DistillSettings:
     grad_clip: float = 1.0
     seed: int = 0
     time_dist: str = "logitnormal"
+    t_range: tuple = (0.001, 0.999)  # RF times the fake score and the DMD loss draw from (an eps
+    # teacher's noise levels end at its sigma_max, which is t = sigma_max / (1 + sigma_max) < 1)
     pred_type: str = "flow"  # what the wrapped network returns: "flow" (velocity) or "x0"
     sample_shape: tuple = (3, 32, 32)  # one sample, without the batch dimension
+    ema_decay: float = 0.0  # > 0: keep an EMA of the student LoRA (modelopt's tracker) and save it
 
     def t_list(self) -> list[float]:
         if self.timesteps is not None:
@@ -184,10 +231,14 @@ class DMDTrainer:
     `student_update_freq`, multi-step students by backward simulation (no real data needed).
 
     `conditions(batch, generator) -> (positive, negative)` draws the conditioning each iteration.
+    `fake_score` replaces the fake-score LoRA by a module of the caller's (e.g. modelopt's
+    deep-copied `create_fake_score(teacher)`, which the benchmark compares against); it is trained
+    in full and checkpointed as a state dict.
     """
 
-    def __init__(self, net: nn.Module, switch: AdapterSwitch, adapters: dict, settings: DistillSettings, conditions):
-        from modelopt.torch.fastgen import DMDConfig, DMDPipeline  # ~5 s import: only when training
+    def __init__(self, net: nn.Module, switch: AdapterSwitch, adapters: dict, settings: DistillSettings, conditions,
+                 fake_score: nn.Module | None = None):
+        from modelopt.torch.fastgen import DMDConfig, DMDPipeline, EMAConfig  # ~5 s import: only when training
 
         self.net, self.switch, self.adapters, self.settings, self.conditions = net, switch, adapters, settings, conditions
         config = DMDConfig(
@@ -197,10 +248,12 @@ class DMDTrainer:
             student_sample_type="sde",
             backward_simulation=settings.steps > 1,
             student_update_freq=settings.student_update_freq,
-            sample_t_cfg={"time_dist_type": settings.time_dist, "t_list": settings.t_list() if settings.steps > 1 else None},
+            sample_t_cfg={"time_dist_type": settings.time_dist, "min_t": settings.t_range[0], "max_t": settings.t_range[1],
+                          "t_list": settings.t_list() if settings.steps > 1 else None},
+            ema=EMAConfig(decay=settings.ema_decay, type="constant") if settings.ema_decay > 0 else None,
         )
         self.student = AdapterView(net, switch, STUDENT, adapters[STUDENT])
-        self.fake_score = AdapterView(net, switch, FAKE, adapters[FAKE])
+        self.fake_score = fake_score if fake_score is not None else AdapterView(net, switch, FAKE, adapters[FAKE])
         self.teacher = AdapterView(net, switch, None)
         self.pipeline = DMDPipeline(self.student, self.teacher, self.fake_score, config)
         self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, betas=(0.0, 0.999), weight_decay=0.0)
@@ -231,6 +284,7 @@ class DMDTrainer:
         if self.iteration % s.student_update_freq == 0:
             losses = self.pipeline.compute_student_loss(latents, noise, positive, negative_encoder_hidden_states=negative)
             self._step(self.student_opt, list(self.student.parameters()), losses["total"], "student")
+            self.pipeline.update_ema(iteration=self.iteration)
             record["vsd"] = losses["vsd"].item()
         self.iteration += 1
         self.history.append(record)
@@ -249,12 +303,13 @@ class DMDTrainer:
         return {
             "iteration": self.iteration,
             "student": lora_state_dict(self.adapters[STUDENT]),
-            "fake": lora_state_dict(self.adapters[FAKE]),
+            "fake": lora_state_dict(self.adapters[FAKE]) if FAKE in self.adapters else self.fake_score.state_dict(),
             "student_opt": self.student_opt.state_dict(),
             "fake_opt": self.fake_opt.state_dict(),
             "rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             "history": [dict(r) for r in self.history],
+            "ema": self.pipeline.ema.state_dict() if self.pipeline.ema is not None else {},
         }
 
     def save_checkpoint(self, path: str):
@@ -263,8 +318,10 @@ class DMDTrainer:
 
     def load_checkpoint(self, path: str):
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if FAKE not in self.adapters:
+            self.fake_score.load_state_dict(state["fake"])
         for name, key in ((STUDENT, "student"), (FAKE, "fake")):
-            for module_path, adapter in self.adapters[name].items():
+            for module_path, adapter in self.adapters.get(name, {}).items():
                 prefix = f"diffusion_model.{module_path}"
                 adapter.down.weight.data.copy_(state[key][f"{prefix}.lora_down.weight"])
                 adapter.up.weight.data.copy_(state[key][f"{prefix}.lora_up.weight"])
@@ -274,6 +331,15 @@ class DMDTrainer:
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
+        if self.pipeline.ema is not None and state.get("ema"):
+            self.pipeline.ema.load_state_dict(state["ema"])
+
+    def publish_ema(self):
+        """Put the EMA weights into the student LoRA (after the last checkpoint: the saved live
+        weights still resume exactly). No-op without EMA or before its first update."""
+        ema = self.pipeline.ema
+        if ema is not None and ema._initialized:
+            ema.copy_to(self.student)
 
     def run(self, iterations: int, checkpoint_path: str | None = None, checkpoint_every: int = 0,
             callback=None, should_stop=None) -> str:
@@ -297,16 +363,20 @@ class DMDTrainer:
 
 
 def student_recipe(settings: DistillSettings, family: str, teacher: str | None, shift: float | None = 1.0,
-                   as_sigmas: bool = False) -> Recipe:
+                   as_sigmas: bool = False, prediction: str = "flow", timesteps: list[float] | None = None) -> Recipe:
     """The recipe a DMD student is sampled with: its own noise levels, re-noised with fresh noise.
 
-    The students are trained at RF times t, which are the flow sigmas themselves. As timesteps
-    (t * 1000) they are exact only under shift 1 (the embedded models); for a host model with its
-    own shift (Wan: 8) the recipe stores the sigmas instead, which no shift changes.
+    The students are trained at RF times t. For flow models these are the sigmas themselves: as
+    timesteps (t * 1000) they are exact only under shift 1 (the embedded models); for a host model
+    with its own shift (Wan: 8) the recipe stores the sigmas instead, which no shift changes.
+    Discrete (eps / v) students store the host timesteps they were trained at (`timesteps`): their
+    sigma table has no shift, and the loaders convert timesteps through it exactly.
     """
     t_list = settings.t_list()[:-1]
-    common = dict(family=family, prediction="flow", steps=settings.steps, cfg=1.0, sampler="multistep_sde", method="dmd2",
-                  teacher=teacher)
+    common = dict(family=family, prediction=prediction, steps=settings.steps, cfg=1.0, sampler="multistep_sde",
+                  method="dmd2", teacher=teacher)
+    if timesteps is not None:
+        return Recipe(**common, timesteps=[round(float(t)) for t in timesteps], shift=None)
     if as_sigmas:
         return Recipe(**common, sigmas=[float(t) for t in t_list], shift=None)
     return Recipe(**common, timesteps=[round(t * 1000) for t in t_list], shift=shift)

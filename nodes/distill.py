@@ -21,21 +21,77 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
-from .adapters.recipes import host_family, with_recipe
+from .adapters.recipes import host_family, host_timestep_to_sigma, with_recipe
 
 
 class HostDenoiser(torch.nn.Module):
-    """The host model in modelopt's calling convention: RF time t is the flow sigma, the output is x0.
+    """The host model in modelopt's rectified-flow convention: x_t = (1 - t) x0 + t eps, output x0.
 
+    Flow (CONST) models use the same convention: their sigma is t. Discrete eps / v models are
+    variance-exploding in the host (x = x0 + sigma eps): the same point is x_t / (1 - t) at
+    sigma = t / (1 - t). `apply_model` then returns x0 for any family, so DMD sees the teacher
+    exactly as the host's samplers do. The conditioning argument is a tensor of row indices into
+    `conds` (one dict of model inputs per prompt, built by the host's own `extra_conds`), which
+    carries every input a family needs (Wan's context, SDXL's pooled `y`, Flux's guidance).
     Holds the BaseModel without registering it, so the adapter views own only their LoRA weights.
     """
 
-    def __init__(self, base_model):
+    def __init__(self, base_model, conds: list[dict]):
         super().__init__()
         object.__setattr__(self, "_model", base_model)
+        self.conds = conds
+        self.flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
-        return self._model.apply_model(hidden_states, timestep.to(hidden_states), c_crossattn=encoder_hidden_states)
+        t = timestep.to(hidden_states).reshape(-1)
+        x, sigma = hidden_states, t
+        if not self.flow:
+            keep = (1.0 - t).clamp_min(1e-4).reshape(-1, *[1] * (x.ndim - 1))
+            x, sigma = x / keep, t / keep.reshape(-1)
+        return self._model.apply_model(x, sigma, **self.model_inputs(encoder_hidden_states))
+
+    def model_inputs(self, rows: torch.Tensor) -> dict:
+        picked = [self.conds[int(i)] for i in rows.reshape(-1).tolist()]
+        return {key: torch.cat([row[key] for row in picked]) if torch.is_tensor(picked[0][key]) else picked[0][key]
+                for key in picked[0]}
+
+
+def rf_time(model_sampling, sigma: float) -> float:
+    """The rectified-flow time of a host sigma (see HostDenoiser)."""
+    return sigma if isinstance(model_sampling, comfy.model_sampling.CONST) else sigma / (1.0 + sigma)
+
+
+def check_teacher(model):
+    """DMD needs x0 predictions at any noise level: flow models and discrete eps / v models."""
+    model_sampling = model.get_model_object("model_sampling")
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return model_sampling
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and isinstance(
+            model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM):
+        return model_sampling
+    raise ValueError(f"FastGen DMD Distill trains flow-matching and discrete eps / v-prediction teachers; this "
+                     f"{host_family(model)} model samples with {type(model_sampling).__name__}")
+
+
+def host_prediction(model_sampling) -> str:
+    return "v" if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION) else "eps"
+
+
+def student_schedule(model_sampling, steps: int, text: str) -> tuple[list[float], list[float]]:
+    """The student's timesteps (host convention, 0..1000) and their host sigmas.
+
+    Empty text: evenly spaced from the top of the family's schedule (discrete: 999, 749, 499, 249
+    as DMD2 SDXL; flow: 1000, 750, 500, 250 under the model's own shift, as lightx2v's Wan)."""
+    if text.strip():
+        timesteps = sampling.parse_timesteps(text)
+    else:
+        top = 1000.0 if isinstance(model_sampling, comfy.model_sampling.CONST) else 999.0
+        timesteps = [top - i * 1000.0 / steps for i in range(steps)]
+    if len(timesteps) != steps:
+        raise ValueError(f"student_timesteps lists {len(timesteps)} timesteps for {steps} student steps")
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:], strict=False)) or timesteps[-1] <= 0 or timesteps[0] > 1000:
+        raise ValueError(f"student_timesteps must decrease within (0, 1000], got {text!r}")
+    return timesteps, [float(host_timestep_to_sigma(model_sampling, t)) for t in timesteps]
 
 
 def make_trainable_copyable(module: torch.nn.Module):
@@ -73,15 +129,30 @@ def resolve_save_path(save_name: str, allow_existing: bool) -> str:
     return path
 
 
-def conditioning_rows(conditioning, name: str) -> torch.Tensor:
-    """The cross-attention tensors of a CONDITIONING, one row per prompt [N, L, D]."""
-    rows = [c[0] for c in conditioning]
-    if not rows:
+def model_conds(base, conditioning, name: str, latent_shape, device) -> list[dict]:
+    """One dict of apply_model inputs per prompt, made by the host's own `extra_conds` (as its
+    samplers do), with tensors cloned out of inference mode so autograd can use them."""
+    if not conditioning:
         raise ValueError(f"{name} conditioning is empty")
-    length = max(r.shape[1] for r in rows)
-    if any(r.shape[1] != length for r in rows):
-        raise ValueError(f"{name} conditionings have different token lengths; encode them with one text encoder")
-    return torch.cat(rows).detach().clone()
+    noise = torch.zeros((1, *latent_shape), device=device)
+    rows = []
+    for tensor, options in conditioning:
+        params = {**options, "device": device, "noise": noise, "prompt_type": name}
+        params.setdefault("width", latent_shape[-1] * 8)
+        params.setdefault("height", latent_shape[-2] * 8)
+        if tensor is not None:
+            params["cross_attn"] = tensor[:1].to(device)
+        conds = base.extra_conds(**params)
+        row = {}
+        for key, cond in conds.items():
+            value = cond.process_cond(batch_size=1, area=None, device=device).cond
+            row[key] = value.detach().clone().to(device) if torch.is_tensor(value) else value
+        rows.append(row)
+    shapes = {key: rows[0][key].shape for key in rows[0] if torch.is_tensor(rows[0][key])}
+    for row in rows[1:]:
+        if {k: v.shape for k, v in row.items() if torch.is_tensor(v)} != shapes:
+            raise ValueError(f"{name} conditionings have different shapes (token lengths); encode them with one text encoder")
+    return rows
 
 
 class FastGenDistillDMD(io.ComfyNode):
@@ -91,11 +162,12 @@ class FastGenDistillDMD(io.ComfyNode):
             node_id="FastGenDistillDMD",
             display_name="FastGen DMD Distill (LoRA student)",
             category="FastGen/train",
-            description="Distribution-matching distillation (DMD2, through nvidia-modelopt) of a flow-matching teacher "
-            "into a few-step LoRA student: the student and the fake score are two LoRAs on the teacher's own weights. "
-            "Saves the LoRA (with its recipe) in models/loras and returns the student MODEL.",
+            description="Distribution-matching distillation (DMD2, through nvidia-modelopt) of a teacher (flow matching, or "
+            "discrete eps / v-prediction) into a few-step LoRA student: the student and the fake score are two LoRAs on the "
+            "teacher's own weights. Saves the LoRA (with its recipe) in models/loras and returns the student MODEL.",
             inputs=[
-                io.Model.Input("model", tooltip="The teacher (a flow-matching MODEL: the embedded models, Wan, ...)."),
+                io.Model.Input("model", tooltip="The teacher: a flow-matching MODEL (the embedded models, Wan, SD3, Flux) "
+                               "or a discrete eps / v-prediction one (SD1.5, SDXL)."),
                 io.Conditioning.Input("positive", tooltip="The prompts to distill on; each row is one prompt, drawn at random."),
                 io.Conditioning.Input("negative", tooltip="The negative / unconditional prompt for the teacher's guidance."),
                 io.Latent.Input("latent", tooltip="A latent of the size to train at (only its shape is used)."),
@@ -115,9 +187,19 @@ class FastGenDistillDMD(io.ComfyNode):
                                 "models/loras ('.safetensors' added). An existing file is never overwritten unless resuming."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (its .resume.pt "
                                  "checkpoint, written every 50 iterations and when cancelled)."),
+                io.String.Input("student_timesteps", default="", optional=True, tooltip="The student's noise levels as "
+                                "timesteps 0..1000 in the model's own schedule, e.g. '999, 749, 499, 249'. Empty: evenly "
+                                "spaced from the top (DMD2 SDXL's 999, 749, 499, 249; for flow models 1000, 750, 500, 250 "
+                                "under the model's shift)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True, tooltip="Recompute block "
+                                 "activations in the backward pass: much less memory for large models and latents, ~30% slower."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, optional=True, tooltip="> 0: "
+                               "save an exponential moving average of the student (e.g. 0.99) instead of its last weights."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="The teacher with the student LoRA applied, carrying its recipe."),
+                io.LoraModel.Output(display_name="lora", tooltip="The student LoRA's weights (ComfyUI keys), for the core "
+                                    "'Load LoRA Model' and 'Save LoRA Weights' nodes."),
                 io.Image.Output(display_name="loss_chart",
                                 tooltip="Fake-score (orange) and student VSD (blue) losses, each scaled to its range."),
             ],
@@ -125,10 +207,10 @@ class FastGenDistillDMD(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, student_steps, iterations, learning_rate, lora_rank, guidance,
-                update_ratio, batch_size, seed, save_name, resume) -> io.NodeOutput:
-        if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
-            raise ValueError("FastGen DMD Distill trains flow-matching (CONST) teachers such as Wan, SD3, Flux and the "
-                             f"embedded models; this {host_family(model)} model is eps / v-prediction")
+                update_ratio, batch_size, seed, save_name, resume, student_timesteps="", gradient_checkpointing=False,
+                ema_decay=0.0) -> io.NodeOutput:
+        model_sampling = check_teacher(model)
+        timesteps, sigmas = student_schedule(model_sampling, student_steps, student_timesteps)
         lora_path = resolve_save_path(save_name, allow_existing=resume)
         checkpoint_path = distill.default_checkpoint_path(lora_path)
         if resume and not os.path.isfile(checkpoint_path):
@@ -138,59 +220,83 @@ class FastGenDistillDMD(io.ComfyNode):
         base = model.model
         device = comfy.model_management.get_torch_device()
         sample_shape = tuple(latent["samples"].shape[1:])
-        settings = distill.DistillSettings(steps=student_steps, guidance=guidance, student_update_freq=update_ratio, lr=learning_rate,
+        flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+        t_range = (0.001, 0.999) if flow else (rf_time(model_sampling, float(model_sampling.sigma_min)),
+                                               rf_time(model_sampling, float(model_sampling.sigma_max)))
+        settings = distill.DistillSettings(steps=student_steps, timesteps=[rf_time(model_sampling, s) for s in sigmas],
+                                           guidance=guidance, student_update_freq=update_ratio, lr=learning_rate,
                                            fake_lr=learning_rate, batch=batch_size, seed=seed, pred_type="x0",
-                                           sample_shape=sample_shape)
+                                           t_range=t_range, sample_shape=sample_shape, ema_decay=ema_decay)
         pbar = comfy.utils.ProgressBar(iterations)
         previewer = latent_preview.get_previewer(device, base.latent_format)
 
         with torch.inference_mode(False), torch.enable_grad():
-            pos, neg = conditioning_rows(positive, "positive").to(device), conditioning_rows(negative, "negative").to(device)
+            pos = model_conds(base, positive, "positive", sample_shape, device)
+            neg = model_conds(base, negative, "negative", sample_shape, device)
 
             def conditions(batch, generator):
                 rows = torch.randint(0, len(pos), (batch,), generator=generator)
-                return pos[rows.to(pos.device)], neg[torch.zeros_like(rows).to(neg.device)]
+                return rows, torch.full_like(rows, len(pos))  # the first negative row follows the positives
 
             make_trainable_copyable(base)
             switch, adapters = distill.attach_lora(base.diffusion_model, rank=lora_rank, targets=lora_targets, seed=seed)
             try:
-                trainer = distill.DMDTrainer(HostDenoiser(base), switch, adapters, settings, conditions)
+                if gradient_checkpointing:
+                    distill.enable_gradient_checkpointing(base.diffusion_model, switch)
+                trainer = distill.DMDTrainer(HostDenoiser(base, pos + neg), switch, adapters, settings, conditions)
                 if resume:
                     trainer.load_checkpoint(checkpoint_path)
+
+                cancelled = []
 
                 def report(record):
                     preview = None
                     if previewer is not None and (record["iteration"] % 25 == 0 or record["iteration"] + 1 == iterations):
-                        preview = previewer.decode_latent_to_preview_image("JPEG", cls._student_sample(trainer, pos[:1]))
-                    pbar.update_absolute(record["iteration"] + 1, iterations, preview)
+                        preview = previewer.decode_latent_to_preview_image("JPEG", cls._student_sample(trainer))
+                    try:
+                        pbar.update_absolute(record["iteration"] + 1, iterations, preview)
+                    except comfy.model_management.InterruptProcessingException:
+                        # the host's progress hook raises on cancel (and clears the flag): note it, so
+                        # the loop stops at its next check and writes the resumable checkpoint first
+                        cancelled.append(record["iteration"])
+
+                def should_stop():
+                    return bool(cancelled) or comfy.model_management.processing_interrupted()
 
                 status = trainer.run(iterations, checkpoint_path=checkpoint_path, checkpoint_every=50, callback=report,
-                                     should_stop=comfy.model_management.processing_interrupted)
-                recipe = distill.student_recipe(settings, family=host_family(model), teacher=None, as_sigmas=True)
+                                     should_stop=should_stop)
+                trainer.publish_ema()
+                # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
+                recipe = distill.student_recipe(settings, family=host_family(model), teacher=None, as_sigmas=flow,
+                                                prediction="flow" if flow else host_prediction(model_sampling),
+                                                timesteps=None if flow else timesteps)
                 distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)
-                lora = distill.lora_state_dict(adapters[distill.STUDENT])
+                lora = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
                 history = trainer.history
             finally:
+                distill.disable_gradient_checkpointing(base.diffusion_model)
                 distill.detach_lora(base.diffusion_model)
         if status == "stopped":
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException()
 
         student = model.clone()
         student.add_patches(comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(base, {}), log_missing=False), 1.0)
         chart = images.line_chart({"fake_score": [r["fake_score"] for r in history],
                                    "vsd": [r["vsd"] for r in history if "vsd" in r]})
         text = f"{len(history)} iterations; saved {os.path.relpath(lora_path, folder_paths.get_folder_paths('loras')[0])}"
-        return io.NodeOutput(with_recipe(student, recipe), chart[None], ui=ui.PreviewText(text))
+        return io.NodeOutput(with_recipe(student, recipe), lora, chart[None], ui=ui.PreviewText(text))
 
     @staticmethod
     @torch.no_grad()
-    def _student_sample(trainer, positive_row):
-        """The student's current one-prompt sample at its own noise levels (for the progress preview)."""
-        sigmas = torch.tensor(trainer.settings.t_list(), device=positive_row.device)
+    def _student_sample(trainer):
+        """The student's current sample for the first prompt at its own noise levels (progress preview)."""
+        t_list = torch.tensor(trainer.settings.t_list(), device=trainer.device)
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn((1, *trainer.settings.sample_shape), generator=generator).to(positive_row.device) * sigmas[0]
+        x = torch.randn((1, *trainer.settings.sample_shape), generator=generator).to(trainer.device) * t_list[0]
+        row = torch.zeros(1, dtype=torch.long)
 
-        def denoiser(x, sigma):  # the host denoiser returns x0 (pred_type "x0")
-            return trainer.student(x, sigma.reshape(1), positive_row)
+        def denoiser(x, t):  # the host denoiser works in RF time and returns x0
+            return trainer.student(x, t.reshape(1), row)
 
-        return sampling.sample_multistep(denoiser, x, sigmas, noise="sde", generator=generator)
+        return sampling.sample_multistep(denoiser, x, t_list, noise="sde", generator=generator)

@@ -139,8 +139,9 @@ def distill_dmd_lora() -> Graph:
     g = Graph()
     model, cond, latent = digit_inputs(g)
     dmd_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]
-    dmd = g.node("FastGenDistillDMD", [2, 200, 1e-3, 16, 3.0, 5, 8, 0, "fixed", "fastgen/digit_dmd_student", False], inputs=dmd_inputs,
-                 outputs=[("student", "MODEL"), ("loss_chart", "IMAGE")], pos=(420, 60), size=(360, 600))
+    dmd = g.node("FastGenDistillDMD", [2, 200, 1e-3, 16, 3.0, 5, 8, 0, "fixed", "fastgen/digit_dmd_student", False, "", False, 0.0],
+                 inputs=dmd_inputs, outputs=[("student", "MODEL"), ("lora", "LORA_MODEL"), ("loss_chart", "IMAGE")], pos=(420, 60),
+                 size=(360, 680))
     chart = g.node("PreviewImage", inputs=[("images", "IMAGE")], pos=(1220, 440), size=(400, 240), title="loss chart")
     sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
     sampler = g.node("FastGenStudentSampler", [42, "fixed", 0, 0.0, "recipe", "recipe", 1.0], inputs=sampler_inputs,
@@ -149,7 +150,7 @@ def distill_dmd_lora() -> Graph:
     g.link(cond, 0, dmd, "positive")
     g.link(cond, 1, dmd, "negative")
     g.link(latent, 0, dmd, "latent")
-    g.link(dmd, 1, chart, "images")
+    g.link(dmd, 2, chart, "images")
     link_sampler(g, sampler, dmd, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits_dmd_student", vae_pos=(820, 600), decode_x=1220)
     return g

@@ -145,3 +145,68 @@ def test_detach_lora_restores_the_original_network():
     assert {name: type(m) for name, m in net.named_modules()} == linears
     with switch.use(distill.STUDENT), torch.no_grad():
         assert torch.equal(net(x, t, c), expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_through_each_adapter():
+    """Checkpointed blocks recompute in the backward pass, after the adapter context has closed:
+    the student's and the fake score's gradients must still be their own, equal to the plain ones."""
+    def grads(checkpointing):
+        tr = trainer()
+        for adapter in tr.adapters[distill.STUDENT].values():
+            torch.nn.init.normal_(adapter.up.weight, std=0.1, generator=torch.Generator().manual_seed(3))
+        if checkpointing:
+            assert distill.enable_gradient_checkpointing(tr.net, tr.switch) == 2
+        x, t, c = inputs()
+        out = {}
+        for view in (tr.student, tr.fake_score):
+            view.zero_grad()
+            view(x, t, c).square().mean().backward()
+            out[view.adapter] = [p.grad.clone() for p in view.parameters()]
+        return out
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[name], checkpointed[name], strict=True)), name
+        assert any(g.abs().sum() > 0 for g in checkpointed[name]), f"{name} got no gradient"
+
+
+def test_gradient_checkpointing_is_removed_again_and_needs_blocks():
+    tr = trainer()
+    distill.enable_gradient_checkpointing(tr.net, tr.switch)
+    distill.disable_gradient_checkpointing(tr.net)
+    assert not any("forward" in m.__dict__ for m in tr.net.modules())
+    with pytest.raises(ValueError, match="no block list"):
+        distill.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), tr.switch)
+
+
+def test_ema_student_is_tracked_resumed_and_published(tmp_path):
+    straight = trainer(ema_decay=0.9)
+    straight.run(6)
+    live = {k: v.clone() for k, v in distill.lora_state_dict(straight.adapters[distill.STUDENT]).items()}
+    interrupted = trainer(ema_decay=0.9)
+    path = str(tmp_path / "ema.resume.pt")
+    interrupted.run(6, checkpoint_path=path, should_stop=lambda: interrupted.iteration == 3)
+    resumed = trainer(ema_decay=0.9)
+    resumed.load_checkpoint(path)
+    resumed.run(6)
+    straight.publish_ema()
+    resumed.publish_ema()
+    published = distill.lora_state_dict(straight.adapters[distill.STUDENT])
+    assert any(not torch.equal(live[k], published[k]) for k in live), "EMA weights equal the live ones"
+    again = distill.lora_state_dict(resumed.adapters[distill.STUDENT])
+    assert all(torch.equal(published[k], again[k]) for k in published), "EMA state did not survive the resume"
+
+
+def test_fake_score_times_stay_in_the_teacher_range(monkeypatch):
+    seen = []
+    tr = trainer(t_range=(0.2, 0.6))
+    original = tr.pipeline._call_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["timestep"] if "timestep" in kwargs else args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tr.pipeline, "_call_model", spy)
+    tr.pipeline.compute_fake_score_loss(torch.zeros(4, 3, 32, 32), torch.randn(4, 3, 32, 32), conditions(4, None)[0])
+    drawn = seen[-1].detach().flatten()  # the fake-score call (the calls before it simulate the student)
+    assert drawn.min() >= 0.2 - 1e-6 and drawn.max() <= 0.6 + 1e-6

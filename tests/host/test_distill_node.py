@@ -1,11 +1,15 @@
 """#4 in the real host: the DMD node trains a LoRA student of the embedded teacher from a graph."""
 
+import asyncio
+import json
 import os
+import time
+import uuid
 
 import pytest
 import torch
 from safetensors import safe_open
-from test_students_nodes import failure, node_text, run_latent
+from test_students_nodes import SD15, WAN, failure, graph, node_text, run_latent, unet
 
 from fastgen_core.recipe import RECIPE_KEY, Recipe
 
@@ -19,7 +23,7 @@ def distill_graph(save_name, resume=False, iterations=6, seed=0):
             "model": ["m", 0], "positive": ["c", 0], "negative": ["c", 1], "latent": ["l", 0], "student_steps": 2,
             "iterations": iterations, "learning_rate": 1e-3, "lora_rank": 4, "guidance": 3.0, "update_ratio": 2, "batch_size": 2,
             "seed": seed, "save_name": save_name, "resume": resume}},
-        "chart": {"class_type": "PreviewImage", "inputs": {"images": ["d", 1]}},
+        "chart": {"class_type": "PreviewImage", "inputs": {"images": ["d", 2]}},
         "s": {"class_type": "FastGenStudentSampler", "inputs": {
             "model": ["d", 0], "positive": ["c", 0], "latent_image": ["l", 0], "seed": 1, "steps": 0, "cfg": 0.0,
             "sampler": "recipe", "scheduler": "recipe", "denoise": 1.0}},
@@ -32,13 +36,13 @@ def test_dmd_node_trains_saves_and_returns_the_student(comfy):
     assert torch.isfinite(latent).all()
     assert "6 iterations; saved fastgen/test_student.safetensors" in node_text(entry, "d")
     assert entry["outputs"]["chart"]["images"], "no loss chart"
-    assert node_text(entry, "s").startswith("2 steps, cfg 1, multistep_sde, sigmas 0.999, 0.5, 0")
+    assert node_text(entry, "s").startswith("2 steps, cfg 1, multistep_sde, sigmas 1, 0.5, 0")
 
     path = os.path.join(comfy.base, "models", "loras", "fastgen", "test_student.safetensors")
     with safe_open(path, "pt") as f:
         recipe = Recipe.from_json(f.metadata()[RECIPE_KEY])
         keys = list(f.keys())
-    assert (recipe.method, recipe.steps, recipe.sigmas, recipe.family) == ("dmd2", 2, [0.999, 0.5], "fastgen-digits")
+    assert (recipe.method, recipe.steps, recipe.sigmas, recipe.family) == ("dmd2", 2, [1.0, 0.5], "fastgen-digits")
     assert all(k.startswith("diffusion_model.blocks.") for k in keys)
     assert os.path.isfile(path[: -len(".safetensors")] + ".resume.pt")
 
@@ -77,3 +81,98 @@ def test_dmd_node_never_overwrites_and_resumes(comfy):
     assert "already exists" in message
     _, entry = run_latent(comfy, distill_graph("fastgen/resumable", iterations=8, resume=True))
     assert "8 iterations" in node_text(entry, "d")
+
+
+def lora_recipe(comfy, name):
+    path = os.path.join(comfy.base, "models", "loras", *name.split("/")) + ".safetensors"
+    with safe_open(path, "pt") as f:
+        return Recipe.from_json(f.metadata()[RECIPE_KEY]), list(f.keys())
+
+
+def run_latents(comfy, prompt):
+    """Run a prompt; ({file name prefix: saved latent}, the history entry)."""
+    from safetensors.torch import load_file
+
+    entry = comfy.run_prompt(prompt)
+    files = [p for p in comfy.output_files(entry) if p.endswith(".latent")]
+    return {os.path.basename(p).rsplit("_", 2)[0]: load_file(p)["latent_tensor"] for p in files}, entry
+
+
+def tiny_distill(model_file, family, save_name, steps=2, **extra):
+    """The DMD node on a tiny real architecture; its LORA_MODEL output goes through the core
+    'Load LoRA Model' node into a stock KSampler, its MODEL through our Student KSampler."""
+    prompt = graph(unet(model_file), ["m", 0], family=family)
+    prompt["d"] = {"class_type": "FastGenDistillDMD", "inputs": {
+        "model": ["m", 0], "positive": ["c1", 0], "negative": ["c2", 0], "latent": ["l", 0], "student_steps": steps,
+        "iterations": 3, "learning_rate": 1e-3, "lora_rank": 2, "guidance": 2.0, "update_ratio": 2, "batch_size": 1,
+        "seed": 0, "save_name": save_name, "resume": False, **extra}}
+    prompt["s"]["inputs"]["model"] = ["d", 0]
+    prompt["core"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["m", 0], "lora": ["d", 1], "strength_model": 1.0}}
+    prompt["k"] = {"class_type": "KSampler", "inputs": {"model": ["core", 0], "positive": ["c1", 0], "negative": ["c2", 0],
+                                                       "latent_image": ["l", 0], "seed": 1, "steps": steps, "cfg": 1.0,
+                                                       "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    prompt["out2"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "latents/dmd_core"}}
+    return prompt
+
+
+def test_dmd_node_on_a_tiny_wan_keeps_exact_sigmas_under_the_model_shift(comfy):
+    log_before = len(comfy.log())
+    latents, entry = run_latents(comfy, tiny_distill("tiny_wan.safetensors", WAN, "fastgen/tiny_wan_dmd", gradient_checkpointing=True))
+    assert len(latents) == 2 and all(torch.isfinite(x).all() for x in latents.values()), latents.keys()
+    recipe, keys = lora_recipe(comfy, "fastgen/tiny_wan_dmd")
+    # timesteps 1000, 500 through Wan's DiscreteFlow at the host's shift 8: sigma = 8t / (1 + 7t)
+    assert (recipe.prediction, recipe.family, recipe.timesteps) == ("flow", "wan2.1", None)
+    assert recipe.sigmas == pytest.approx([1.0, 8 * 0.5 / (1 + 7 * 0.5)], abs=1e-6)
+    assert keys and all(k.startswith("diffusion_model.blocks.") for k in keys)
+    assert "lora key not loaded" not in comfy.log()[log_before:]
+
+
+def test_dmd_node_trains_an_eps_teacher_and_stores_its_timesteps(comfy):
+    latents, entry = run_latents(comfy, tiny_distill("tiny_sd15.safetensors", SD15, "fastgen/tiny_sd15_dmd", ema_decay=0.9,
+                                                     student_timesteps="999, 499"))
+    assert len(latents) == 2 and all(torch.isfinite(x).all() for x in latents.values()), latents.keys()
+    recipe, keys = lora_recipe(comfy, "fastgen/tiny_sd15_dmd")
+    assert (recipe.prediction, recipe.family, recipe.timesteps, recipe.sigmas) == ("eps", "sd15", [999, 499], None)
+    assert any(".transformer_blocks." in k for k in keys)
+    assert "multistep_sde, sigmas 14.6, 1.61, 0" in node_text(entry, "s")  # SD1.5 sigmas at timesteps 999, 499
+
+
+def test_dmd_node_refuses_timesteps_that_do_not_fit(comfy):
+    message = failure(comfy, tiny_distill("tiny_sd15.safetensors", SD15, "fastgen/never", student_timesteps="999, 499, 99"))
+    assert "3 timesteps for 2 student steps" in message
+
+
+def test_cancel_stops_at_the_next_iteration_and_leaves_a_resumable_checkpoint(comfy):
+    """The UI's cancel (POST /interrupt) while the node trains: it stops within an iteration, keeps
+    a checkpoint at the iteration reached, and resuming continues from there."""
+    prompt = distill_graph("fastgen/cancelled", iterations=100000)
+
+    async def run_and_cancel():
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as ws:
+            async with http.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
+                assert response.status == 200
+            cancelled_at = None
+            while True:
+                msg = await ws.receive(timeout=120)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(msg.data)
+                started = event["type"] == "progress" and event["data"].get("node") == "d" and event["data"]["value"] >= 3
+                if started and cancelled_at is None:
+                    cancelled_at = time.time()
+                    async with http.post(f"{comfy.url}/interrupt", json={}) as response:
+                        assert response.status == 200
+                if event["type"] == "execution_interrupted":
+                    return time.time() - cancelled_at
+                assert event["type"] != "execution_error", event
+
+    seconds = asyncio.run(run_and_cancel())
+    assert seconds < 10, f"cancel took {seconds:.1f} s"
+    checkpoint = os.path.join(comfy.base, "models", "loras", "fastgen", "cancelled.resume.pt")
+    reached = torch.load(checkpoint, weights_only=True)["iteration"]
+    assert 3 <= reached < 100000
+    _, entry = run_latent(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2, resume=True))
+    assert f"{reached + 2} iterations" in node_text(entry, "d")
