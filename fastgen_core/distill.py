@@ -177,6 +177,44 @@ class AdapterView(nn.Module):
             return self._net(hidden_states, timestep, encoder_hidden_states, **kwargs)
 
 
+def attach_discriminator(net: nn.Module, switch: AdapterSwitch, teacher: nn.Module, grid: tuple[int, int]):
+    """DMD2's GAN head (modelopt's Discriminator_ImageDiT) on the teacher's middle-block tokens.
+
+    modelopt reads the teacher's features from `teacher._fastgen_captured`; the network is shared,
+    so the hook records a block's output only while no adapter is on (the teacher's own calls).
+    Tokens [B, N, D] become the [B, D, H, W] maps the head expects (N = H * W, row-major patches).
+    """
+    from modelopt.torch.fastgen.discriminators import Discriminator_ImageDiT
+
+    blocks = next((m for name, m in net.named_modules()
+                   if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS), None)
+    if blocks is None:
+        raise ValueError(f"{type(net).__name__} has no block list ({', '.join(BLOCK_LISTS)}) to take GAN features from")
+    captured = []
+    object.__setattr__(teacher, "_fastgen_captured", captured)
+    height, width = grid
+
+    def capture(module, args, output):
+        # (a checkpointed block's recompute calls its forward directly: this hook does not fire twice)
+        if switch.active is None:
+            tokens = output[0] if isinstance(output, tuple) else output
+            b, n, d = tokens.shape
+            if n != height * width:
+                raise ValueError(f"teacher features have {n} tokens, not the {height}x{width} grid given")
+            captured.append(tokens.transpose(1, 2).reshape(b, d, height, width))
+
+    block = blocks[len(blocks) // 2]
+    hook = block.register_forward_hook(capture)  # removed by DMDTrainer.close()
+    head = Discriminator_ImageDiT(feature_indices={0}, num_blocks=1, inner_dim=_block_width(block))
+    return head.to(next(net.parameters()).device), hook
+
+
+def _block_width(block: nn.Module) -> int:
+    """A transformer block's token width: the input size of its first Linear."""
+    first = next(m for m in block.modules() if isinstance(m, (nn.Linear, LoRALinear)))
+    return (first.base if isinstance(first, LoRALinear) else first).in_features
+
+
 def lora_state_dict(adapters: dict, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
     """One adapter set in ComfyUI's LoRA key format (alpha stored, so strength 1 = as trained)."""
     out = {}
@@ -213,6 +251,8 @@ class DistillSettings:
     pred_type: str = "flow"  # what the wrapped network returns: "flow" (velocity) or "x0"
     sample_shape: tuple = (3, 32, 32)  # one sample, without the batch dimension
     ema_decay: float = 0.0  # > 0: keep an EMA of the student LoRA (modelopt's tracker) and save it
+    gan_weight: float = 0.0  # > 0: DMD2's GAN term (needs real data): a discriminator head on teacher features
+    gan_r1_weight: float = 0.0  # approximate R1 regularisation of the discriminator (DMD2: 100-1000 when used)
 
     def t_list(self) -> list[float]:
         if self.timesteps is not None:
@@ -237,7 +277,7 @@ class DMDTrainer:
     """
 
     def __init__(self, net: nn.Module, switch: AdapterSwitch, adapters: dict, settings: DistillSettings, conditions,
-                 fake_score: nn.Module | None = None):
+                 fake_score: nn.Module | None = None, real_data=None, feature_grid: tuple[int, int] | None = None):
         from modelopt.torch.fastgen import DMDConfig, DMDPipeline, EMAConfig  # ~5 s import: only when training
 
         self.net, self.switch, self.adapters, self.settings, self.conditions = net, switch, adapters, settings, conditions
@@ -251,11 +291,21 @@ class DMDTrainer:
             sample_t_cfg={"time_dist_type": settings.time_dist, "min_t": settings.t_range[0], "max_t": settings.t_range[1],
                           "t_list": settings.t_list() if settings.steps > 1 else None},
             ema=EMAConfig(decay=settings.ema_decay, type="constant") if settings.ema_decay > 0 else None,
+            gan_loss_weight_gen=settings.gan_weight,
+            gan_r1_reg_weight=settings.gan_r1_weight,
         )
         self.student = AdapterView(net, switch, STUDENT, adapters[STUDENT])
         self.fake_score = fake_score if fake_score is not None else AdapterView(net, switch, FAKE, adapters[FAKE])
         self.teacher = AdapterView(net, switch, None)
-        self.pipeline = DMDPipeline(self.student, self.teacher, self.fake_score, config)
+        self.real_data, self.discriminator, self.disc_opt, self._gan_hook = real_data, None, None, None
+        if settings.gan_weight > 0:
+            if real_data is None or feature_grid is None:
+                raise ValueError("gan_weight > 0 needs real data (real_data) and the token grid of the teacher's features "
+                                 "(feature_grid); DMD2's GAN compares generated samples with real ones")
+            self.discriminator, self._gan_hook = attach_discriminator(net, switch, self.teacher, feature_grid)
+            self.disc_opt = torch.optim.AdamW(self.discriminator.parameters(), lr=settings.fake_lr, betas=(0.0, 0.999),
+                                              weight_decay=0.0)
+        self.pipeline = DMDPipeline(self.student, self.teacher, self.fake_score, config, discriminator=self.discriminator)
         self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, betas=(0.0, 0.999), weight_decay=0.0)
         self.fake_opt = torch.optim.AdamW(self.fake_score.parameters(), lr=settings.fake_lr, betas=(0.0, 0.999), weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -281,14 +331,27 @@ class DMDTrainer:
         fake = self.pipeline.compute_fake_score_loss(latents, noise, positive)["total"]
         self._step(self.fake_opt, list(self.fake_score.parameters()), fake, "fake-score")
         record["fake_score"] = fake.item()
+        if self.discriminator is not None:
+            real, real_positive = self.real_data(s.batch, self.generator)
+            disc = self.pipeline.compute_discriminator_loss(real.to(self.device), noise, real_positive)["total"]
+            self._step(self.disc_opt, list(self.discriminator.parameters()), disc, "discriminator")
+            record["discriminator"] = disc.item()
         if self.iteration % s.student_update_freq == 0:
             losses = self.pipeline.compute_student_loss(latents, noise, positive, negative_encoder_hidden_states=negative)
             self._step(self.student_opt, list(self.student.parameters()), losses["total"], "student")
             self.pipeline.update_ema(iteration=self.iteration)
             record["vsd"] = losses["vsd"].item()
+            if "gan_gen" in losses:
+                record["gan_gen"] = losses["gan_gen"].item()
         self.iteration += 1
         self.history.append(record)
         return record
+
+    def close(self):
+        """Remove the GAN feature hook from the shared network (nothing else is attached by the trainer)."""
+        if self._gan_hook is not None:
+            self._gan_hook.remove()
+            self._gan_hook = None
 
     @property
     def device(self):
@@ -310,6 +373,8 @@ class DMDTrainer:
             "generator": self.generator.get_state(),
             "history": [dict(r) for r in self.history],
             "ema": self.pipeline.ema.state_dict() if self.pipeline.ema is not None else {},
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else {},
+            "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else {},
         }
 
     def save_checkpoint(self, path: str):
@@ -333,6 +398,9 @@ class DMDTrainer:
         self.history = list(state["history"])
         if self.pipeline.ema is not None and state.get("ema"):
             self.pipeline.ema.load_state_dict(state["ema"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
 
     def publish_ema(self):
         """Put the EMA weights into the student LoRA (after the last checkpoint: the saved live

@@ -96,20 +96,39 @@ def merge_lora(net: networks.DigitDiT, adapters: dict) -> networks.DigitDiT:
     return merged.eval().requires_grad_(False)
 
 
+def real_digit_batches(device: str):
+    """Real training digits with their class conditioning, for DMD2's GAN term."""
+    train = data.load_mnist("train")
+    images = data.to_model_space(train.images)
+
+    def draw(batch, generator):
+        rows = torch.randint(0, len(images), (batch,), generator=generator)
+        return images[rows].to(device), networks.class_conditioning(train.labels[rows])[:, 0].to(device)
+
+    return draw
+
+
 def train_student(student_steps: int = 4, minutes: float = 10.0, batch: int = 32, lr: float = 1e-4, rank: int = 32,
-                  guidance: float = 3.0, update_freq: int = 5, seed: int = 0, device: str = "cpu", log=print):
-    """DMD2 (fastgen_core.distill) of the shipped teacher; returns (merged student, recipe, trainer)."""
+                  guidance: float = 3.0, update_freq: int = 5, seed: int = 0, device: str = "cpu", log=print,
+                  gan_weight: float = 0.0, iterations: int | None = None):
+    """DMD2 (fastgen_core.distill) of the shipped teacher; returns (merged student, recipe, trainer).
+
+    `gan_weight` > 0 adds DMD2's GAN term on real training digits (off by default: the shipped
+    students are data-free); `iterations` stops at a count instead of the time budget."""
     from . import distill
 
     torch.manual_seed(seed)
     net, _ = checkpoint.load_network(TEACHER_PATH, device=device)
     switch, adapters = distill.attach_lora(net, rank=rank, seed=seed)
     settings = distill.DistillSettings(steps=student_steps, guidance=guidance, student_update_freq=update_freq, lr=lr, fake_lr=lr,
-                                       batch=batch, seed=seed)
-    trainer = distill.DMDTrainer(net, switch, adapters, settings, lambda b, g: tuple(c.to(device) for c in digit_conditions(b, g)))
+                                       batch=batch, seed=seed, gan_weight=gan_weight)
+    grid = data.MODEL_SIZE // net.config.patch_size
+    trainer = distill.DMDTrainer(net, switch, adapters, settings, lambda b, g: tuple(c.to(device) for c in digit_conditions(b, g)),
+                                 real_data=real_digit_batches(device) if gan_weight > 0 else None, feature_grid=(grid, grid))
     start = time.time()
-    trainer.run(10**9, should_stop=lambda: time.time() - start > 60 * minutes,
+    trainer.run(iterations or 10**9, should_stop=lambda: time.time() - start > 60 * minutes,
                 callback=lambda r: log(f"iteration {r['iteration']}: {r}") if r["iteration"] % 200 == 0 else None)
+    trainer.close()
     recipe = distill.student_recipe(settings, family="fastgen-digits", teacher="digit_teacher")
     return merge_lora(net, adapters[distill.STUDENT]), recipe, trainer
 
@@ -139,6 +158,7 @@ def main(argv=None):
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--update-freq", type=int, default=5)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--gan-weight", type=float, default=0.0, help="DMD2's GAN term on real digits (0: off, data-free)")
     s.add_argument("--out", default=None, help="default: assets/digit_student_<N>step.safetensors")
     for p in (c, t, s):
         p.add_argument("--seed", type=int, default=0)
@@ -146,7 +166,7 @@ def main(argv=None):
 
     if args.what == "student":
         student, recipe, trainer = train_student(args.student_steps, args.minutes, args.batch, args.lr, args.rank, args.guidance,
-                                                 args.update_freq, args.seed, args.device)
+                                                 args.update_freq, args.seed, args.device, gan_weight=args.gan_weight)
         out = args.out or os.path.join(metrics.ASSETS, f"digit_student_{args.student_steps}step.safetensors")
         checkpoint.save_network(out, student, recipe)
         print(f"{trainer.iteration} iterations; wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")

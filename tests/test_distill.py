@@ -210,3 +210,75 @@ def test_fake_score_times_stay_in_the_teacher_range(monkeypatch):
     tr.pipeline.compute_fake_score_loss(torch.zeros(4, 3, 32, 32), torch.randn(4, 3, 32, 32), conditions(4, None)[0])
     drawn = seen[-1].detach().flatten()  # the fake-score call (the calls before it simulate the student)
     assert drawn.min() >= 0.2 - 1e-6 and drawn.max() <= 0.6 + 1e-6
+
+
+def real_digits(batch, generator):
+    """Stand-in real data: fixed blobs with their class conditioning (shape is what matters here)."""
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    images = torch.randn(batch, 3, 32, 32, generator=generator).clamp(-1, 1)
+    return images, class_conditioning(labels)[:, 0]
+
+
+def gan_trainer(seed=0, checkpointing=False):
+    net = teacher_net()
+    switch, adapters = distill.attach_lora(net, rank=4)
+    if checkpointing:
+        distill.enable_gradient_checkpointing(net, switch)
+    settings = distill.DistillSettings(steps=4, batch=4, student_update_freq=2, lr=1e-3, fake_lr=1e-3, seed=seed, gan_weight=0.1,
+                                       gan_r1_weight=10.0)
+    return distill.DMDTrainer(net, switch, adapters, settings, conditions, real_data=real_digits, feature_grid=(8, 8))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gan_head_trains_on_teacher_features_through_modelopt(monkeypatch, checkpointing):
+    calls = {"gen": 0, "disc": 0}
+    for name, key in (("gan_gen_loss", "gen"), ("gan_disc_loss", "disc")):
+        original = getattr(modelopt_dmd, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(modelopt_dmd, name, counted)
+    tr = gan_trainer(checkpointing=checkpointing)  # recomputed blocks must not record features twice
+    before = {k: v.clone() for k, v in tr.discriminator.state_dict().items()}
+    records = [tr.train_step() for _ in range(4)]
+    assert calls == {"gen": 2, "disc": 4}
+    assert all(np_finite(r["discriminator"]) for r in records) and "gan_gen" in records[0]
+    assert any(not torch.equal(before[k], v) for k, v in tr.discriminator.state_dict().items()), "discriminator did not train"
+    assert tr.teacher._fastgen_captured == [], "captured features were left undrained"
+    tr.close()
+    x, t, c = inputs()
+    with torch.no_grad():
+        tr.teacher(x, t, c)
+    assert tr.teacher._fastgen_captured == [], "the feature hook outlived close()"
+
+
+def np_finite(value):
+    return value == value and abs(value) != float("inf")
+
+
+def test_gan_resume_is_bit_identical_and_needs_real_data(tmp_path):
+    straight = gan_trainer()
+    straight.run(4)
+    interrupted = gan_trainer()
+    path = str(tmp_path / "gan.resume.pt")
+    interrupted.run(4, checkpoint_path=path, should_stop=lambda: interrupted.iteration == 2)
+    resumed = gan_trainer(seed=9)
+    resumed.load_checkpoint(path)
+    resumed.run(4)
+    a, b = straight.discriminator.state_dict(), resumed.discriminator.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    net = teacher_net()
+    switch, adapters = distill.attach_lora(net, rank=4)
+    with pytest.raises(ValueError, match="needs real data"):
+        distill.DMDTrainer(net, switch, adapters, distill.DistillSettings(gan_weight=0.1), conditions)
+
+
+def test_student_command_runs_the_gan_term_on_real_digits():
+    from fastgen_core.train import train_student
+
+    student, recipe, tr = train_student(student_steps=2, batch=4, rank=4, update_freq=2, gan_weight=0.01, iterations=3, log=lambda *_: None)
+    assert [("discriminator" in r, "gan_gen" in r) for r in tr.history] == [(True, True), (True, False), (True, True)]
+    assert all(np_finite(r["discriminator"]) for r in tr.history)
+    assert recipe.steps == 2 and tr._gan_hook is None
