@@ -21,7 +21,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
-from .adapters.recipes import host_family, host_timestep_to_sigma, with_recipe
+from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
 
 
 class HostDenoiser(torch.nn.Module):
@@ -267,7 +267,7 @@ class FastGenDistillDMD(io.ComfyNode):
                                      should_stop=should_stop)
                 trainer.publish_ema()
                 # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
-                recipe = distill.student_recipe(settings, family=host_family(model), teacher=None, as_sigmas=flow,
+                recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model), as_sigmas=flow,
                                                 prediction="flow" if flow else host_prediction(model_sampling),
                                                 timesteps=None if flow else timesteps)
                 distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..fastgen_core import checkpoint
 from ..fastgen_core.eval import ASSETS
 from .adapters.embedded import load_digit_model
+from .adapters.recipes import with_source
 
 EMBEDDED_PREFIX = "embedded/"
 
@@ -74,4 +75,4 @@ class FastGenLoadModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_digit_model(resolve_model_path(model_name)))
+        return io.NodeOutput(with_source(load_digit_model(resolve_model_path(model_name)), model_name))

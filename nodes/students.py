@@ -28,7 +28,7 @@ from comfy_api.latest import io, ui
 from ..fastgen_core import checkpoint, students
 from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, identify_student
 from .adapters.embedded import load_digit_model
-from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe
+from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
 from .loaders import embedded_models, resolve_model_path
 from .sampling import METHODS, sampler_function
 
@@ -122,7 +122,7 @@ class FastGenLoadStudent(io.ComfyNode):
     def execute(cls, student_name: str) -> io.NodeOutput:
         model, recipe, note = load_student(resolve_model_path(student_name))
         text = f"{describe(recipe)}\n{note}"
-        return io.NodeOutput(with_recipe(model, recipe), text, ui=ui.PreviewText(text))
+        return io.NodeOutput(with_source(with_recipe(model, recipe), student_name), text, ui=ui.PreviewText(text))
 
 
 class FastGenLoadStudentLoRA(io.ComfyNode):

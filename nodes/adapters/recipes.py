@@ -16,6 +16,7 @@ from ...fastgen_core import sampling
 from ...fastgen_core.recipe import Recipe
 
 RECIPE_OPTION = "fastgen_recipe"
+SOURCE_OPTION = "fastgen_source"  # the file a MODEL was loaded from by our loaders (a DMD teacher's name)
 
 # Host model-config class name prefixes -> the family names recipes use.
 _HOST_FAMILIES = (
@@ -39,6 +40,16 @@ def with_recipe(model, recipe: Recipe | None):
     else:
         patched.model_options[RECIPE_OPTION] = recipe
     return patched
+
+
+def with_source(model, name: str):
+    model.model_options[SOURCE_OPTION] = name
+    return model
+
+
+def model_name(model) -> str:
+    """The file our loaders loaded the MODEL from, else the host's model class (stock loaders keep no name)."""
+    return model.model_options.get(SOURCE_OPTION) or type(model.model.model_config).__name__
 
 
 def host_family(model) -> str:

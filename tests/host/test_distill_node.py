@@ -43,6 +43,7 @@ def test_dmd_node_trains_saves_and_returns_the_student(comfy):
         recipe = Recipe.from_json(f.metadata()[RECIPE_KEY])
         keys = list(f.keys())
     assert (recipe.method, recipe.steps, recipe.sigmas, recipe.family) == ("dmd2", 2, [1.0, 0.5], "fastgen-digits")
+    assert recipe.teacher == "embedded/digit_teacher.safetensors"
     assert all(k.startswith("diffusion_model.blocks.") for k in keys)
     assert os.path.isfile(path[: -len(".safetensors")] + ".resume.pt")
 
@@ -121,7 +122,7 @@ def test_dmd_node_on_a_tiny_wan_keeps_exact_sigmas_under_the_model_shift(comfy):
     assert len(latents) == 2 and all(torch.isfinite(x).all() for x in latents.values()), latents.keys()
     recipe, keys = lora_recipe(comfy, "fastgen/tiny_wan_dmd")
     # timesteps 1000, 500 through Wan's DiscreteFlow at the host's shift 8: sigma = 8t / (1 + 7t)
-    assert (recipe.prediction, recipe.family, recipe.timesteps) == ("flow", "wan2.1", None)
+    assert (recipe.prediction, recipe.family, recipe.timesteps, recipe.teacher) == ("flow", "wan2.1", None, "WAN21_T2V")
     assert recipe.sigmas == pytest.approx([1.0, 8 * 0.5 / (1 + 7 * 0.5)], abs=1e-6)
     assert keys and all(k.startswith("diffusion_model.blocks.") for k in keys)
     assert "lora key not loaded" not in comfy.log()[log_before:]
