@@ -1,6 +1,6 @@
 """Screenshots of each workflow as ComfyUI's page shows it, after running it, for the README.
 
-    COMFYUI_PATH=~/ComfyUI .venv/bin/python scripts/screenshot_workflows.py
+    COMFYUI_PATH=~/ComfyUI .venv/bin/python scripts/screenshot_workflows.py [workflow names, default all]
 
 Starts the host (tests/host), runs each workflow, loads it in headless Chromium and writes
 docs/<name>_workflow.png, plus docs/<name>_output.png: the images the workflow saved, as a grid.
@@ -62,6 +62,8 @@ async def main():
         browser = await Browser(width=1600, height=900).session()
         for wf_path in sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json"))):
             name = os.path.splitext(os.path.basename(wf_path))[0]
+            if sys.argv[1:] and name not in sys.argv[1:]:
+                continue
             with open(wf_path) as f:
                 workflow = json.load(f)
             # Workflows for users' own models (Wan, ...) need files this host lacks: those are shown
