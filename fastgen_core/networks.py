@@ -121,6 +121,27 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * h
 
 
+def adaln_zero_init(net: nn.Module, embedding: nn.Module, seed: int = 0) -> nn.Module:
+    """DiT initialisation: small normal weights, zeroed adaLN gates and output (adaLN-Zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            bound = math.sqrt(6.0 / (module.in_features + module.out_features))
+            with torch.no_grad():
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 2 * bound - bound)
+                if module.bias is not None:
+                    module.bias.zero_()
+    with torch.no_grad():
+        embedding.weight.normal_(0, 0.02, generator=gen)
+        for block in net.blocks:
+            block.ada.weight.zero_()
+            block.ada.bias.zero_()
+        for layer in (net.final_ada, net.final_proj):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return net
+
+
 class DigitDiT(nn.Module):
     """Class-conditional pixel-space DiT predicting the flow velocity v = noise - x0."""
 
@@ -141,24 +162,7 @@ class DigitDiT(nn.Module):
         self.final_proj = operations.Linear(d, p * p * c, **kw)
 
     def init_weights(self, seed: int = 0):
-        """DiT initialisation: small normal weights, zeroed adaLN gates and output (adaLN-Zero)."""
-        gen = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = math.sqrt(6.0 / (module.in_features + module.out_features))
-                with torch.no_grad():
-                    module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 2 * bound - bound)
-                    if module.bias is not None:
-                        module.bias.zero_()
-        with torch.no_grad():
-            self.class_embed.weight.normal_(0, 0.02, generator=gen)
-            for block in self.blocks:
-                block.ada.weight.zero_()
-                block.ada.bias.zero_()
-            for layer in (self.final_ada, self.final_proj):
-                layer.weight.zero_()
-                layer.bias.zero_()
-        return self
+        return adaln_zero_init(self, self.class_embed, seed)
 
     def patchify(self, x):
         b, c, h, w = x.shape
@@ -269,3 +273,158 @@ def sample_with_recipe(net: DigitDiT, labels, recipe, seed: int = 0, batch: int 
         return _sample_batches(net, labels, seed, recipe.cfg, sigmas, sample, batch)
     return sample_digits(net, labels, steps=recipe.steps, guidance=recipe.cfg, seed=seed, shift=recipe.shift or 1.0,
                          sampler=recipe.sampler, batch=batch)
+
+
+# ------------------------------------------------------------------ the causal world model (#7, #8)
+
+NUM_ACTIONS = 7  # none, up, down, left, right, jump, and "no action given" (the CFG null action)
+
+
+@dataclass(frozen=True)
+class CausalWorldDiTConfig:
+    """A block-causal video DiT: frames in chunks, each chunk attends to itself and the cached
+    chunks before it; each frame has its own noise level and action."""
+
+    in_channels: int = 3
+    frame_size: int = 64
+    patch_size: int = 8
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    actions: int = NUM_ACTIONS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.frame_size // self.patch_size) ** 2
+
+
+def rotate_by_frame(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the frame index: x [B, H, N, hd], positions [N] (float).
+
+    Only relative frame offsets reach the attention scores, so a rolling cache can renumber its
+    frames (sink first, then the window) and never shows the model an offset it was not trained on.
+    """
+    half = x.shape[-1] // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = positions.float()[:, None] * freqs[None]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalBlock(nn.Module):
+    """DiTBlock with per-token modulation and attention over [cached context, this chunk]."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ada = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, positions, context=None, mask=None):
+        """x, c [B, N, D]; positions [N] frame positions of x; context = (k, v, positions) of the
+        cached frames (un-rotated keys) or None; mask [N, N] for a full block-causal sequence.
+        Returns (x, (k, v)) with this chunk's un-rotated keys and values, for the cache."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x) * (1 + scale1) + shift1).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        keys, values, key_positions = k, v, positions
+        if context is not None:
+            keys, values = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
+            key_positions = torch.cat([context[2], positions])
+        attn = F.scaled_dot_product_attention(rotate_by_frame(q, positions), rotate_by_frame(keys, key_positions), values,
+                                              attn_mask=mask)
+        x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        x = x + gate2 * self.fc2(F.gelu(self.fc1(self.norm2(x) * (1 + scale2) + shift2), approximate="tanh"))
+        return x, (k, v)
+
+
+class CausalWorldDiT(nn.Module):
+    """Action-conditioned block-causal pixel-space DiT predicting the flow velocity per frame.
+
+    `forward(x, sigma, actions, cache)` denoises one chunk x [B, C, F, H, W] with per-frame noise
+    levels sigma [B, F] and actions [B, F], attending to the frames held in `cache` (a
+    `fastgen_core.world.KVCache`); `forward_sequence` runs a whole sequence of chunks at once under
+    the block-causal mask (training, and the reference the cached rollout must equal).
+    """
+
+    def __init__(self, config: CausalWorldDiTConfig = CausalWorldDiTConfig()):
+        super().__init__()
+        if config.dim % config.heads or config.dim % 4 or (config.dim // config.heads) % 2:
+            raise ValueError("dim must be divisible by heads and by 4, with an even head size")
+        self.config = config
+        p, c, d = config.patch_size, config.in_channels, config.dim
+        self.patch_embed = nn.Linear(p * p * c, d)
+        self.time_mlp1 = nn.Linear(d, d)
+        self.time_mlp2 = nn.Linear(d, d)
+        self.action_embed = nn.Embedding(config.actions, d)
+        self.blocks = nn.ModuleList(CausalBlock(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Linear(d, 2 * d)
+        self.final_proj = nn.Linear(d, p * p * c)
+
+    def init_weights(self, seed: int = 0):
+        return adaln_zero_init(self, self.action_embed, seed)
+
+    def _tokens(self, x, sigma, actions):
+        b, c, f, h, w = x.shape
+        p, d = self.config.patch_size, self.config.dim
+        if c != self.config.in_channels or h % p or w % p:
+            raise ValueError(f"CausalWorldDiT expects [B, {self.config.in_channels}, F, H, W] with H, W multiples of {p}, "
+                             f"got {list(x.shape)}")
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        tokens = self.patch_embed(frames.reshape(b, f, (h // p) * (w // p), p * p * c))
+        tokens = tokens + sincos_2d(h // p, w // p, d, device=x.device).to(tokens.dtype)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.reshape(-1, 1).expand(b, f) if sigma.numel() in (1, b) and sigma.ndim < 2 else sigma.reshape(b, f)
+        t_emb = timestep_embedding(sigma.reshape(-1), d).to(tokens.dtype)
+        cond = self.time_mlp2(F.silu(self.time_mlp1(t_emb))).view(b, f, d) + self.action_embed(actions.reshape(b, f))
+        per_token = cond[:, :, None].expand(-1, -1, tokens.shape[2], -1)
+        return tokens.reshape(b, -1, d), per_token.reshape(b, -1, d), cond
+
+    def _head(self, tokens, cond, shape):
+        b, c, f, h, w = shape
+        p = self.config.patch_size
+        shift, scale = self.final_ada(F.silu(cond)).chunk(2, dim=-1)  # per frame
+        tokens = tokens.view(b, f, -1, self.config.dim)
+        out = self.final_proj(self.final_norm(tokens) * (1 + scale[:, :, None]) + shift[:, :, None])
+        out = out.view(b, f, h // p, w // p, p, p, c).permute(0, 6, 1, 2, 4, 3, 5)
+        return out.reshape(b, c, f, h, w)
+
+    def forward(self, x, sigma, actions, cache=None, write_cache: bool = False):
+        """One chunk. With `write_cache`, this chunk's keys and values are appended to the cache
+        (the rollout does that once per chunk, for the clean frames)."""
+        b, _, f = x.shape[:3]
+        tokens, per_token, cond = self._tokens(x, sigma, actions)
+        first = cache.frames if cache is not None else 0
+        positions = (first + torch.arange(f, device=x.device)).repeat_interleave(self.config.tokens_per_frame)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            tokens, kv = block(tokens, per_token, positions, context=cache.context(i) if cache is not None else None)
+            new_kv.append(kv)
+        if write_cache:
+            cache.append(new_kv, f)
+        return self._head(tokens, cond, x.shape)
+
+    def forward_sequence(self, x, sigma, actions, chunk_frames: int):
+        """Frames [B, C, T, H, W] as chunks of `chunk_frames`, each attending to itself and the
+        chunks before it (the block-causal mask), in one pass."""
+        f = x.shape[2]
+        tokens, per_token, cond = self._tokens(x, sigma, actions)
+        frame = torch.arange(f, device=x.device).repeat_interleave(self.config.tokens_per_frame)
+        chunk = frame // chunk_frames
+        mask = chunk[None, :] <= chunk[:, None]
+        for block in self.blocks:
+            tokens, _ = block(tokens, per_token, frame, mask=mask)
+        return self._head(tokens, cond, x.shape)

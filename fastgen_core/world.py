@@ -1,0 +1,159 @@
+"""The causal video loop: chunk after chunk, each denoised in a few steps while attending to the
+cached keys and values of the chunks before it (CausVid, Self-Forcing).
+
+    model = CausalWorldDiT(...)
+    cache = KVCache(sink_frames=3, window_frames=12)
+    for chunk in rollout(model, cache, chunks=100, chunk_frames=3, schedule=ChunkSchedule.few_step(4)):
+        show(chunk.latents)          # [B, C, F, H, W], in order, with chunk.seconds
+
+After a chunk is final its clean frames are run once more at noise level 0 (or a small context
+noise) and their keys and values go into the cache: later chunks see exactly what a full forward
+of the clean sequence under the block-causal mask would show them. The cache keeps `sink_frames`
+(the first frames) and a rolling window of the latest `window_frames`, so memory stays flat
+however long the video runs. Host-free: the model is any callable with the
+`model(x, sigma, actions, cache, write_cache)` convention of `networks.CausalWorldDiT`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import sampling
+
+
+class KVCache:
+    """Keys and values of the context frames, per layer: the sink (first frames, kept for good)
+    and a rolling window of the most recent frames.
+
+    Keys are stored without their rotary position; `context(layer)` hands them out with the
+    positions of their slots (sink 0..S-1, then the window), so positions stay bounded however
+    many frames have gone by, and equal the true frame indices until the first eviction.
+    """
+
+    def __init__(self, sink_frames: int = 0, window_frames: int | None = None, tokens_per_frame: int | None = None):
+        if window_frames is not None and window_frames < 1:
+            raise ValueError("window_frames must be at least 1 (or None for an unbounded cache)")
+        self.sink_frames, self.window_frames = sink_frames, window_frames
+        self.tokens_per_frame = tokens_per_frame
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.frames = 0  # frames held now
+        self.frames_seen = 0  # frames appended in total
+        self.evicted = 0
+
+    def context(self, layer: int):
+        if not self.layers:
+            return None
+        k, v = self.layers[layer]
+        positions = torch.arange(self.frames, device=k.device).repeat_interleave(k.shape[2] // self.frames)
+        return k, v, positions
+
+    def append(self, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]], frames: int):
+        """Add one chunk's keys and values ([B, H, frames * tokens, hd] per layer), then evict the
+        oldest non-sink frames beyond the window."""
+        if self.layers:
+            self.layers = [(torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2))
+                           for (k0, v0), (k, v) in zip(self.layers, kv_per_layer, strict=True)]
+        else:
+            self.layers = [(k, v) for k, v in kv_per_layer]
+        tokens = kv_per_layer[0][0].shape[2] // frames
+        self.frames += frames
+        self.frames_seen += frames
+        if self.window_frames is not None and self.frames > self.sink_frames + self.window_frames:
+            drop = self.frames - self.sink_frames - self.window_frames
+            start, stop = self.sink_frames * tokens, (self.sink_frames + drop) * tokens
+            self.layers = [(torch.cat([k[:, :, :start], k[:, :, stop:]], dim=2).contiguous(),
+                            torch.cat([v[:, :, :start], v[:, :, stop:]], dim=2).contiguous()) for k, v in self.layers]
+            self.frames -= drop
+            self.evicted += drop
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+    def reset(self):
+        self.layers, self.frames, self.frames_seen, self.evicted = [], 0, 0, 0
+
+
+@dataclass
+class ChunkSchedule:
+    """Noise levels per chunk: the first chunk may take more steps (it has no context to lean on:
+    the seeds' first-frame enhancement), later chunks fewer (diagonal distillation)."""
+
+    first: list[float]  # sigmas ending in 0
+    later: list[float]
+
+    def sigmas(self, chunk: int) -> torch.Tensor:
+        return torch.tensor(self.first if chunk == 0 else self.later, dtype=torch.float32)
+
+    @classmethod
+    def few_step(cls, steps: int = 4, first_steps: int | None = None, shift: float = 1.0) -> ChunkSchedule:
+        return cls(sampling.flow_sigmas(first_steps or steps, shift).tolist(), sampling.flow_sigmas(steps, shift).tolist())
+
+
+@dataclass
+class Chunk:
+    index: int
+    latents: torch.Tensor  # [B, C, F, H, W], the finished chunk
+    first_frame: int  # index of its first frame in the whole video
+    seconds: float  # wall time of this chunk (denoising + cache update + decode)
+    frames: torch.Tensor | None = None  # decoded frames when a decoder was given
+
+
+def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedule: ChunkSchedule,
+            actions: Callable[[int, int], torch.Tensor] | torch.Tensor | None = None, batch: int = 1,
+            frame_shape: tuple | None = None, context_noise: float = 0.0, sampler: str = "sde", seed: int = 0,
+            decode: Callable[[torch.Tensor], torch.Tensor] | None = None, device=None) -> Iterator[Chunk]:
+    """Generate chunk after chunk (forever when `chunks` is None), yielding each when final.
+
+    `actions(first_frame, frames) -> LongTensor[B, frames]` is asked for each chunk's actions just
+    before the chunk is generated (live input), or a tensor [B, T] gives them all up front.
+    `sampler` "sde" re-noises with fresh noise between steps (DMD / consistency students), "ode"
+    jumps deterministically. The noise comes from one generator seeded by `seed`.
+    """
+    config = model.config
+    frame_shape = frame_shape or (config.in_channels, config.frame_size, config.frame_size)
+    weight = next(model.parameters())
+    device, dtype = device or weight.device, weight.dtype
+    generator = torch.Generator().manual_seed(seed)
+    index = 0
+    while chunks is None or index < chunks:
+        start = time.perf_counter()
+        first = cache.frames_seen
+        chunk_actions = _actions_for(actions, first, chunk_frames, batch).to(device)
+        sigmas = schedule.sigmas(index).to(device)
+        shape = (batch, frame_shape[0], chunk_frames, *frame_shape[1:])
+        sigmas = sigmas.to(dtype)
+        x = torch.randn(shape, generator=generator).to(device, dtype) * sigmas[0]
+
+        def denoiser(x, sigma, chunk_actions=chunk_actions):
+            sigma = sigma.reshape(-1)[:1].expand(batch)
+            velocity = model(x, sigma[:, None].expand(batch, chunk_frames), chunk_actions, cache)
+            return x - sigma.reshape(-1, 1, 1, 1, 1) * velocity
+
+        with torch.no_grad():
+            latents = sampling.sample_multistep(denoiser, x, sigmas, noise=sampler, generator=generator)
+            context, level = latents, torch.full((batch, chunk_frames), float(context_noise), device=device, dtype=dtype)
+            if context_noise > 0:
+                noise = torch.randn(shape, generator=generator).to(device, dtype)
+                context = (1.0 - context_noise) * latents + context_noise * noise
+            model(context, level, chunk_actions, cache, write_cache=True)
+            frames = decode(latents) if decode is not None else None
+        yield Chunk(index, latents, first, time.perf_counter() - start, frames)
+        index += 1
+
+
+def _actions_for(actions, first: int, frames: int, batch: int) -> torch.Tensor:
+    if actions is None:
+        return torch.zeros(batch, frames, dtype=torch.long)
+    if callable(actions):
+        out = torch.as_tensor(actions(first, frames), dtype=torch.long)
+    else:
+        if actions.shape[1] < first + frames:
+            raise ValueError(f"actions cover {actions.shape[1]} frames; chunk {first}..{first + frames - 1} needs more")
+        out = actions[:, first:first + frames]
+    if out.shape != (batch, frames):
+        raise ValueError(f"actions for frames {first}..{first + frames - 1} must be [{batch}, {frames}], got {list(out.shape)}")
+    return out.long()

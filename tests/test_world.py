@@ -1,0 +1,123 @@
+"""The causal loop (#7): cached chunk-by-chunk generation equals the block-causal full forward,
+the rolling window keeps memory flat, the per-chunk schedule and the streaming order hold."""
+
+import pytest
+import torch
+
+from fastgen_core import world
+from fastgen_core.networks import CausalWorldDiT, CausalWorldDiTConfig
+
+CONFIG = CausalWorldDiTConfig(frame_size=16, patch_size=4, dim=32, depth=2, heads=2)
+
+
+def random_model(seed=0):
+    """Every weight random: adaLN-Zero's zeroed gates would make every output 0 and every test pass."""
+    model = CausalWorldDiT(CONFIG).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return model.eval()
+
+
+def sequence(chunks=3, chunk_frames=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    frames = chunks * chunk_frames
+    x = torch.randn(2, 3, frames, 16, 16, generator=gen, dtype=torch.float64)
+    actions = torch.randint(0, CONFIG.actions, (2, frames), generator=gen)
+    return x, actions
+
+
+def test_cached_chunks_equal_the_block_causal_full_forward():
+    model = random_model()
+    x, actions = sequence()
+    sigma = torch.zeros(2, 6, dtype=torch.float64)
+    sigma[:, 4:] = 0.7  # clean context, noisy last chunk: what a rollout step sees
+    with torch.no_grad():
+        full = model.forward_sequence(x, sigma, actions, chunk_frames=2)
+        cache = world.KVCache()
+        outs = [model(x[:, :, i:i + 2], sigma[:, i:i + 2], actions[:, i:i + 2], cache, write_cache=i < 4) for i in (0, 2, 4)]
+    for i, out in zip((0, 2, 4), outs, strict=True):
+        assert (out - full[:, :, i:i + 2]).abs().max() < 1e-10, f"chunk at frame {i}"
+    # the mask matters: without it the first chunk would see the later ones
+    unmasked = model.forward_sequence(x, sigma, actions, chunk_frames=6)
+    assert (unmasked[:, :, :2] - full[:, :, :2]).abs().max() > 1e-3
+
+
+class Spy(torch.nn.Module):
+    """The model, recording each denoising call (not the cache writes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls, self.writes = model, model.config, [], []
+
+    def forward(self, x, sigma, actions, cache, write_cache=False):
+        out = self.model(x, sigma, actions, cache, write_cache)
+        (self.writes if write_cache else self.calls).append((x.clone(), sigma.clone(), actions.clone(), out.clone()))
+        return out
+
+
+def test_rollout_steps_equal_the_full_forward_over_its_own_clean_frames():
+    spy = Spy(random_model())
+    _, actions = sequence()
+    chunks = list(world.rollout(spy, world.KVCache(), chunks=3, chunk_frames=2, schedule=world.ChunkSchedule.few_step(2),
+                                actions=actions, batch=2, seed=3, device="cpu"))
+    x, sigma, chunk_actions, out = spy.calls[-2]  # the last chunk's first step
+    clean = torch.cat([c.latents for c in chunks[:2]], dim=2)
+    sequence_x = torch.cat([clean, x], dim=2)
+    sequence_sigma = torch.cat([torch.zeros(2, 4, dtype=sigma.dtype), sigma], dim=1)
+    with torch.no_grad():
+        full = spy.model.forward_sequence(sequence_x, sequence_sigma, actions, chunk_frames=2)
+    assert torch.equal(chunk_actions, actions[:, 4:6])
+    assert (out - full[:, :, 4:]).abs().max() < 1e-10
+
+
+def test_rolling_window_keeps_memory_flat_over_100_chunks():
+    model = random_model().float()
+    cache = world.KVCache(sink_frames=2, window_frames=4)
+    sizes = []
+    for chunk in world.rollout(model, cache, chunks=100, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1), seed=0):
+        sizes.append((cache.frames, cache.nbytes()))
+        assert torch.isfinite(chunk.latents).all()
+    assert sizes[2:] == [sizes[2]] * 98, "the cache grew after the window filled"
+    assert sizes[2][0] == 6 and cache.frames_seen == 200 and cache.evicted == 194
+    k, _, positions = cache.context(0)
+    assert positions.max().item() == 5  # renumbered slots: no position beyond sink + window
+
+
+def test_first_chunk_and_later_chunk_steps_are_honoured():
+    spy = Spy(random_model())
+    schedule = world.ChunkSchedule.few_step(2, first_steps=4)
+    list(world.rollout(spy, world.KVCache(), chunks=3, chunk_frames=2, schedule=schedule, device="cpu"))
+    assert len(spy.calls) == 4 + 2 + 2 and len(spy.writes) == 3
+    first_sigmas = [round(float(c[1][0, 0]), 4) for c in spy.calls[:4]]
+    assert first_sigmas == [round(s, 4) for s in schedule.first[:-1]]
+    assert all(float(w[1].abs().max()) == 0.0 for w in spy.writes), "context must be written at noise level 0"
+
+
+def test_streaming_yields_in_order_and_asks_for_actions_just_in_time():
+    model = random_model().float()
+    events = []
+
+    def live_actions(first, frames):
+        events.append(("actions", first))
+        return torch.full((1, frames), 3)
+
+    for chunk in world.rollout(model, world.KVCache(window_frames=4), chunks=4, chunk_frames=2,
+                               schedule=world.ChunkSchedule.few_step(2), actions=live_actions):
+        events.append(("chunk", chunk.first_frame))
+        assert chunk.seconds > 0 and chunk.latents.shape == (1, 3, 2, 16, 16)
+    assert events == [(kind, f) for f in (0, 2, 4, 6) for kind in ("actions", "chunk")]
+
+
+def test_context_noise_and_bad_actions():
+    spy = Spy(random_model())
+    list(world.rollout(spy, world.KVCache(), chunks=1, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1),
+                       context_noise=0.1, device="cpu"))
+    assert float(spy.writes[0][1][0, 0]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="must be \\[1, 2\\]"):
+        next(world.rollout(spy, world.KVCache(), chunks=1, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1),
+                           actions=lambda first, frames: torch.zeros(1, 3)))
+    with pytest.raises(ValueError, match="actions cover 1 frames"):
+        next(world.rollout(spy, world.KVCache(), chunks=1, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1),
+                           actions=torch.zeros(1, 1, dtype=torch.long)))
