@@ -34,11 +34,12 @@ class KVCache:
     many frames have gone by, and equal the true frame indices until the first eviction.
     """
 
-    def __init__(self, sink_frames: int = 0, window_frames: int | None = None, tokens_per_frame: int | None = None):
+    def __init__(self, sink_frames: int = 0, window_frames: int | None = None, token_dim: int = 2):
+        """`token_dim`: the token axis of the stored tensors ([B, H, N, hd]: 2; the host's
+        attention layout [B, N, C]: 1)."""
         if window_frames is not None and window_frames < 1:
             raise ValueError("window_frames must be at least 1 (or None for an unbounded cache)")
-        self.sink_frames, self.window_frames = sink_frames, window_frames
-        self.tokens_per_frame = tokens_per_frame
+        self.sink_frames, self.window_frames, self.token_dim = sink_frames, window_frames, token_dim
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.frames = 0  # frames held now
         self.frames_seen = 0  # frames appended in total
@@ -48,25 +49,29 @@ class KVCache:
         if not self.layers:
             return None
         k, v = self.layers[layer]
-        positions = torch.arange(self.frames, device=k.device).repeat_interleave(k.shape[2] // self.frames)
+        positions = torch.arange(self.frames, device=k.device).repeat_interleave(k.shape[self.token_dim] // self.frames)
         return k, v, positions
 
     def append(self, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]], frames: int):
-        """Add one chunk's keys and values ([B, H, frames * tokens, hd] per layer), then evict the
-        oldest non-sink frames beyond the window."""
+        """Add one chunk's keys and values (frames * tokens along `token_dim`, per layer), then
+        evict the oldest non-sink frames beyond the window."""
+        dim = self.token_dim
         if self.layers:
-            self.layers = [(torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2))
+            self.layers = [(torch.cat([k0, k], dim=dim), torch.cat([v0, v], dim=dim))
                            for (k0, v0), (k, v) in zip(self.layers, kv_per_layer, strict=True)]
         else:
             self.layers = [(k, v) for k, v in kv_per_layer]
-        tokens = kv_per_layer[0][0].shape[2] // frames
+        tokens = kv_per_layer[0][0].shape[dim] // frames
         self.frames += frames
         self.frames_seen += frames
         if self.window_frames is not None and self.frames > self.sink_frames + self.window_frames:
             drop = self.frames - self.sink_frames - self.window_frames
             start, stop = self.sink_frames * tokens, (self.sink_frames + drop) * tokens
-            self.layers = [(torch.cat([k[:, :, :start], k[:, :, stop:]], dim=2).contiguous(),
-                            torch.cat([v[:, :, :start], v[:, :, stop:]], dim=2).contiguous()) for k, v in self.layers]
+
+            def keep(t):
+                return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, stop, t.shape[dim] - stop)], dim=dim).contiguous()
+
+            self.layers = [(keep(k), keep(v)) for k, v in self.layers]
             self.frames -= drop
             self.evicted += drop
 

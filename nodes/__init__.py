@@ -5,8 +5,10 @@ from .distill import FastGenDistillDMD
 from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
+from .world import FastGenCausalVideoSampler
 
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
+    FastGenCausalVideoSampler,
 ]

@@ -22,4 +22,69 @@ class FastGenTestConditioning:
         return ([[context, {"pooled_output": None}]],)
 
 
-NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning}
+def _pack_module(suffix):
+    """A module of the pack as the host imported it (under its folder path)."""
+    import sys
+
+    matches = [m for name, m in list(sys.modules.items()) if name.endswith("comfyui-fastgen" + suffix)]
+    if not matches:
+        raise RuntimeError(f"the FastGen pack's {suffix} is not loaded")
+    return matches[0]
+
+
+class FastGenTestCausalExactness:
+    """Runs the host's own Wan code twice on one random video latent: once as a whole sequence under
+    the block-causal mask, once chunk by chunk through the KV cache (clean context chunks at t = 0,
+    the last chunk noisy), and reports the largest difference per chunk."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",),
+                             "chunk_frames": ("INT", {"default": 2, "min": 1, "max": 8}),
+                             "chunks": ("INT", {"default": 3, "min": 2, "max": 8})}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    def run(self, model, positive, chunk_frames, chunks):
+        import comfy.model_management
+
+        wan_causal, world = _pack_module(".nodes.adapters.wan_causal"), _pack_module(".fastgen_core.world")
+        comfy.model_management.load_models_gpu([model])
+        device = comfy.model_management.get_torch_device()
+        dm = model.get_model_object("diffusion_model")
+        frames = chunk_frames * chunks
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, frames, 4, 4, generator=gen).to(device)
+        context = positive[0][0].to(device)
+        t = torch.zeros(1, frames, device=device)
+        t[:, -chunk_frames:] = 600.0  # Wan timesteps: clean context, the last chunk at sigma 0.6
+
+        def forward(run, x, t):
+            causal = wan_causal.make_causal(model, run)
+            with torch.no_grad():
+                return dm(x, t, context, transformer_options=causal.model_options["transformer_options"])
+
+        full_run = wan_causal.WanCausalRun(dm, world.KVCache(token_dim=1))
+        full_run.begin_sequence(x.shape, chunk_frames)
+        full = forward(full_run, x, t)
+        run = wan_causal.WanCausalRun(dm, world.KVCache(token_dim=1))
+        errors = []
+        for i in range(chunks):
+            part = slice(i * chunk_frames, (i + 1) * chunk_frames)
+            last = i == chunks - 1
+            run.begin_chunk(x[:, :, part].shape, device, x.dtype, write=not last)
+            out = forward(run, x[:, :, part], t[:, part])
+            run.end_chunk(chunk_frames)
+            errors.append(float((out - full[:, :, part]).abs().max()))
+        unmasked_run = wan_causal.WanCausalRun(dm, world.KVCache(token_dim=1))
+        unmasked_run.begin_sequence(x.shape, frames)  # one chunk: every frame sees every other
+        unmasked = forward(unmasked_run, x, t)
+        leak = float((unmasked[:, :, :chunk_frames] - full[:, :, :chunk_frames]).abs().max())
+        text = " ".join(f"{e:.3e}" for e in errors) + f" | unmasked {leak:.3e} | cache {run.cache.frames}"
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning, "FastGenTestCausalExactness": FastGenTestCausalExactness}

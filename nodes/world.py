@@ -1,0 +1,120 @@
+"""FastGen Causal Video Sampler: a video generated chunk by chunk on the host's Wan, each chunk
+denoised in a few steps while attending to the cached frames before it (CausVid, Self-Forcing).
+
+The loop is `fastgen_core.world`'s (cache with sink + rolling window, first-chunk schedule); the
+host's Wan becomes causal through `adapters.wan_causal` (block patches + attention override), and
+each chunk is sampled by the host's own sampler machinery with the student's recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io, ui
+
+from ..fastgen_core.world import KVCache
+from .adapters.recipes import model_recipe, recipe_sigmas
+from .adapters.wan_causal import WanCausalRun, make_causal
+from .distill import model_conds
+from .students import plan_sampling, recipe_sampler
+
+
+def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
+    """The finished chunk once more at noise level 0: its keys and values go into the cache."""
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = comfy.model_management.get_torch_device()
+    x = latents.to(device)
+    run.begin_chunk(x.shape, device, base.get_dtype(), write=True)
+    with torch.no_grad():
+        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=model.model_options["transformer_options"],
+                         **inputs)
+    run.end_chunk(x.shape[2])
+
+
+class FastGenCausalVideoSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenCausalVideoSampler",
+            display_name="FastGen Causal Video Sampler",
+            category="FastGen/world",
+            description="Generates a video chunk by chunk with a causal (Self-Forcing / CausVid-style) Wan 2.1 student: "
+            "each chunk of latent frames is denoised in a few steps while attending to the cached keys and values of "
+            "the frames before it, with a rolling window + sink frames so memory stays flat however long the video.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan 2.1 MODEL, ideally a causally trained few-step student (Self-Forcing, "
+                               "CausVid: load it with Load Diffusion Model); its recipe gives the steps."),
+                io.Conditioning.Input("positive", tooltip="The prompt (the loop runs at cfg 1, as the students do)."),
+                io.Latent.Input("latent", tooltip="An empty video latent (e.g. Empty Hunyuan / Wan video latent): its frame "
+                                "count is the video's length in latent frames."),
+                io.Int.Input("chunk_frames", default=3, min=1, max=64, tooltip="Latent frames per chunk (Self-Forcing: 3)."),
+                io.Int.Input("steps", default=0, min=0, max=100, tooltip="Denoising steps per chunk; 0 = the model's recipe."),
+                io.Int.Input("first_chunk_steps", default=0, min=0, max=100, tooltip="Steps of the first chunk, which has "
+                             "no context to lean on; 0 = the same as later chunks."),
+                io.Int.Input("window_frames", default=0, min=0, max=1024, tooltip="Latent frames of context kept besides "
+                             "the sink (a rolling window); 0 = keep every frame (memory grows with the video)."),
+                io.Int.Input("sink_frames", default=3, min=0, max=64, tooltip="The first latent frames, kept in the cache "
+                             "for good once the window rolls (attention sink)."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, chunk_frames, steps, first_chunk_steps, window_frames, sink_frames,
+                seed) -> io.NodeOutput:
+        if model_recipe(model) is None and steps == 0:
+            raise ValueError("This MODEL carries no recipe: set steps (a causal student's own count, e.g. 4)")
+        # without a recipe: DMD-style multistep sampling at cfg 1, as causal students are trained
+        cfg_default, sampler_default = (0.0, "recipe") if model_recipe(model) is not None else (1.0, "multistep_sde")
+        model, recipe, steps, cfg, sampler_name, scheduler_name, messages = plan_sampling(model, steps, cfg_default,
+                                                                                           sampler_default, "recipe")
+        if cfg != 1.0:
+            raise ValueError(f"the causal loop samples at cfg 1 (few-step students); this model's recipe asks for cfg {cfg:g}")
+        model_sampling = model.get_model_object("model_sampling")
+        sigmas = recipe_sigmas(model_sampling, recipe, steps, scheduler_name)
+        first_sigmas = sigmas if first_chunk_steps in (0, len(sigmas) - 1) else \
+            recipe_sigmas(model_sampling, recipe, first_chunk_steps, scheduler_name or "simple")
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        if samples.ndim != 5:
+            raise ValueError(f"the causal loop needs a video latent [B, C, T, H, W], got {list(samples.shape)}")
+        total = samples.shape[2]
+        chunks = math.ceil(total / chunk_frames)
+        noise = comfy.sample.prepare_noise(samples, seed)
+
+        cache = KVCache(sink_frames=sink_frames, window_frames=window_frames or None, token_dim=1)
+        run = WanCausalRun(model.get_model_object("diffusion_model"), cache)
+        causal = make_causal(model, run)
+        sampler = recipe_sampler(sampler_name, recipe)
+        device = comfy.model_management.get_torch_device()
+        inputs = model_conds(causal.model, positive, "positive", tuple(samples.shape[1:2]) + (chunk_frames,) + tuple(samples.shape[3:]),
+                             device)[0]
+        previewer = latent_preview.get_previewer(device, model.model.latent_format)
+        pbar = comfy.utils.ProgressBar(chunks)
+        out, timings = [], []
+        for i in range(chunks):
+            start = time.perf_counter()
+            frames = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
+            chunk_sigmas = first_sigmas if i == 0 else sigmas
+            run.begin_chunk(samples[:, :, frames].shape, device, model.model.get_dtype())
+            chunk = comfy.sample.sample_custom(causal, noise[:, :, frames], 1.0, sampler, chunk_sigmas, positive, positive,
+                                               samples[:, :, frames], disable_pbar=True, seed=seed + i)
+            context_pass(causal, run, chunk, inputs)
+            out.append(chunk)
+            timings.append(time.perf_counter() - start)
+            preview = previewer.decode_latent_to_preview_image("JPEG", chunk[:1]) if previewer is not None else None
+            pbar.update_absolute(i + 1, chunks, preview)
+        result = latent.copy()
+        result["samples"] = torch.cat(out, dim=2)
+        text = (f"{chunks} chunks of {chunk_frames} latent frames, {len(chunk_sigmas) - 1} steps each "
+                f"({len(first_sigmas) - 1} for the first); cache holds {cache.frames} frames "
+                f"({cache.nbytes() / 2**20:.1f} MiB), {cache.evicted} evicted; first chunk {timings[0]:.2f} s, "
+                f"later {sum(timings[1:]) / max(1, len(timings) - 1):.2f} s per chunk")
+        return io.NodeOutput(result, ui=ui.PreviewText("\n".join([text, *messages])))
