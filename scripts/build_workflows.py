@@ -195,12 +195,47 @@ def wan_step_distill_lora() -> Graph:
     return g
 
 
+SELF_FORCING_MODEL = "self_forcing_dmd.safetensors"
+
+
+def causal_video() -> Graph:
+    """A causally trained Wan 2.1 1.3B student (Self-Forcing's DMD checkpoint, saved as a Wan state
+    dict) -> ModelSamplingSD3 shift 5 (its schedule) -> FastGen Causal Video Sampler: 7 chunks of 3
+    latent frames (81 video frames), 4 steps each, every earlier frame kept -> decode -> WEBP."""
+    g = Graph()
+    model = g.node("UNETLoader", [SELF_FORCING_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
+    shift = g.node("ModelSamplingSD3", [5.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")], pos=(40, 190),
+                   size=(360, 60))
+    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 290), size=(360, 110))
+    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], outputs=[("LATENT", "LATENT")], pos=(40, 440), size=(360, 130))
+    text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
+    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")]
+    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed"], inputs=sampler_inputs,
+                     outputs=[("LATENT", "LATENT")], pos=(860, 60), size=(360, 420))
+    vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(1260, 60), size=(300, 60))
+    decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                    pos=(1260, 170), size=(200, 50))
+    save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
+                  pos=(1260, 270), size=(420, 360))
+    g.link(model, 0, shift, "model")
+    g.link(shift, 0, sampler, "model")
+    g.link(clip, 0, text, "clip")
+    g.link(text, 0, sampler, "positive")
+    g.link(latent, 0, sampler, "latent")
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return g
+
+
 WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
     "embedded_student.json": embedded_student,
     "distill_dmd_lora.json": distill_dmd_lora,
     "wan_step_distill_lora.json": wan_step_distill_lora,
+    "causal_video.json": causal_video,
 }
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def student_files(folder):
     models = [save_safetensors(wan, str(folder / "tiny_wan.safetensors")),
               # under the name the Wan workflow uses, so the shipped graph runs as written
               save_safetensors(wan, str(folder / "wan2.1_t2v_14B_fp16.safetensors")),
+              save_safetensors(wan, str(folder / "self_forcing_dmd.safetensors")),  # the causal workflow's model
               save_safetensors(tiny_sd15_state_dict(seed=0, dtype=torch.float16), str(folder / "tiny_sd15.safetensors"))]
     models.append(save_safetensors(diffusers_wan_state_dict(wan), str(folder / "tiny_wan_diffusers.safetensors")))
     student = str(folder / "tiny_wan_student.safetensors")
