@@ -17,12 +17,33 @@ import comfy.utils
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from ..fastgen_core.world import KVCache
 from .adapters.recipes import model_recipe, recipe_sigmas
 from .adapters.wan_causal import WanCausalRun, make_causal
+from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .students import plan_sampling, recipe_sampler
+
+
+def decoded_frames(vae, decode, chunk: torch.Tensor) -> torch.Tensor:
+    """One finished chunk through the streaming decoder -> IMAGE frames [B*F, H, W, 3] in 0..1."""
+    pixels = decode(chunk.to(vae.device, vae.vae_dtype)).float()
+    return vae.process_output(pixels).movedim(1, -1).reshape(-1, *pixels.shape[-2:], 3).cpu()
+
+
+def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
+    """Frames [B*T, 8H, 8W, 3] from the latent format's RGB factors (what sampling previews show)."""
+    b, _, t, h, w = samples.shape
+    if latent_format.latent_rgb_factors is None:
+        return torch.full((b * t, 8 * h, 8 * w, 3), 0.5)
+    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
+    bias = torch.tensor(latent_format.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=torch.float32)
+    model_space = latent_format.process_in(samples.float().cpu())  # the space the factors were fitted in
+    rgb = torch.einsum("bcthw,cr->bthwr", model_space, factors) + bias
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).reshape(-1, *rgb.shape[2:])
+    return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
 
 
 def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
@@ -63,13 +84,17 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                 io.Int.Input("sink_frames", default=3, min=0, max=64, tooltip="The first latent frames, kept in the cache "
                              "for good once the window rolls (attention sink)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
+                io.Vae.Input("vae", optional=True, tooltip="The Wan 2.1 VAE: each chunk is decoded as soon as it is final "
+                             "(the VAE's causal cache kept between chunks, so the frames equal one decode of the whole "
+                             "latent) and previewed. Without it, 'frames' shows the latent's preview colours."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(), io.Image.Output(display_name="frames", tooltip="The video frames, decoded chunk by "
+                                                        "chunk (with a VAE), else the latent preview colours at 8x.")],
         )
 
     @classmethod
     def execute(cls, model, positive, latent, chunk_frames, steps, first_chunk_steps, window_frames, sink_frames,
-                seed) -> io.NodeOutput:
+                seed, vae=None) -> io.NodeOutput:
         if model_recipe(model) is None and steps == 0:
             raise ValueError("This MODEL carries no recipe: set steps (a causal student's own count, e.g. 4)")
         # without a recipe: DMD-style multistep sampling at cfg 1, as causal students are trained
@@ -97,24 +122,31 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         inputs = model_conds(causal.model, positive, "positive", tuple(samples.shape[1:2]) + (chunk_frames,) + tuple(samples.shape[3:]),
                              device)[0]
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
+        decode = streaming_decoder(vae) if vae is not None else None
         pbar = comfy.utils.ProgressBar(chunks)
-        out, timings = [], []
+        out, frames, timings = [], [], []
         for i in range(chunks):
             start = time.perf_counter()
-            frames = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
+            span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
             chunk_sigmas = first_sigmas if i == 0 else sigmas
-            run.begin_chunk(samples[:, :, frames].shape, device, model.model.get_dtype())
-            chunk = comfy.sample.sample_custom(causal, noise[:, :, frames], 1.0, sampler, chunk_sigmas, positive, positive,
-                                               samples[:, :, frames], disable_pbar=True, seed=seed + i)
+            run.begin_chunk(samples[:, :, span].shape, device, model.model.get_dtype())
+            chunk = comfy.sample.sample_custom(causal, noise[:, :, span], 1.0, sampler, chunk_sigmas, positive, positive,
+                                               samples[:, :, span], disable_pbar=True, seed=seed + i)
             context_pass(causal, run, chunk, inputs)
             out.append(chunk)
+            if decode is not None:
+                frames.append(decoded_frames(vae, decode, chunk))
             timings.append(time.perf_counter() - start)
-            preview = previewer.decode_latent_to_preview_image("JPEG", chunk[:1]) if previewer is not None else None
+            if decode is not None:
+                preview = ("JPEG", Image.fromarray((frames[-1][-1].numpy() * 255).round().astype("uint8")), 512)
+            else:
+                preview = previewer.decode_latent_to_preview_image("JPEG", chunk[:1]) if previewer is not None else None
             pbar.update_absolute(i + 1, chunks, preview)
         result = latent.copy()
         result["samples"] = torch.cat(out, dim=2)
+        video = torch.cat(frames) if frames else latent_colours(model.model.latent_format, result["samples"])
         text = (f"{chunks} chunks of {chunk_frames} latent frames, {len(chunk_sigmas) - 1} steps each "
                 f"({len(first_sigmas) - 1} for the first); cache holds {cache.frames} frames "
                 f"({cache.nbytes() / 2**20:.1f} MiB), {cache.evicted} evicted; first chunk {timings[0]:.2f} s, "
                 f"later {sum(timings[1:]) / max(1, len(timings) - 1):.2f} s per chunk")
-        return io.NodeOutput(result, ui=ui.PreviewText("\n".join([text, *messages])))
+        return io.NodeOutput(result, video, ui=ui.PreviewText("\n".join([text, *messages])))

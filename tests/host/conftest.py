@@ -33,7 +33,40 @@ def host_files(tmp_path_factory):
     }
     for kind, paths in student_files(folder).items():
         files.setdefault(kind, []).extend(paths)
+    files["vae"] = wan_vae_file(folder)
     return files
+
+
+def wan_vae_file(folder):
+    """The Wan 2.1 VAE with random weights, at its real width (the host fixes it: dim 96), fp16,
+    ~250 MB, under the name the Wan workflows use. Needs the host's class for its key layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    path, _ = find_comfyui()
+    if path is None:
+        return []
+    sys.path.insert(0, path)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA probe
+        from comfy.ldm.wan.vae import WanVAE
+    finally:
+        sys.path.remove(path)
+    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True])
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in vae.state_dict().items():
+        if key.endswith("gamma"):
+            state[key] = torch.ones(value.shape)
+        elif value.ndim <= 1:
+            state[key] = torch.zeros(value.shape)
+        else:  # fan-in scaled, so activations stay finite through the decoder
+            state[key] = torch.randn(value.shape, generator=gen) / value[0].numel() ** 0.5
+    out = str(folder / "wan_2.1_vae.safetensors")
+    save_file({k: v.half().contiguous() for k, v in state.items()}, out)
+    return [out]
 
 
 # The recipe the tiny Wan student carries in its metadata (a lightx2v-like 4-step flow recipe).

@@ -50,3 +50,21 @@ def test_later_chunks_depend_on_earlier_ones_and_not_the_reverse(comfy):
     b, _ = run_latent(comfy, prompt)
     assert not torch.allclose(a[:, :, :2], b[:, :, :2])
     assert not torch.allclose(a[:, :, 2:], b[:, :, 2:]), "later chunks ignored their context"
+
+
+def test_streamed_frames_equal_the_stock_decode_of_the_whole_latent(comfy):
+    """With the Wan VAE connected, the node decodes each chunk as it finishes (the VAE's causal cache
+    kept between chunks): its frames must be the stock VAE Decode of its whole latent."""
+    from prompts import images
+
+    prompt = causal_graph(latent_frames=4, chunk_frames=2)
+    prompt["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}}
+    prompt["s"]["inputs"]["vae"] = ["vae", 0]
+    prompt["d"] = {"class_type": "VAEDecode", "inputs": {"samples": ["s", 0], "vae": ["vae", 0]}}
+    del prompt["out"]
+    stock = {**prompt, "save": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "stock"}}}
+    streamed = {**prompt, "save": {"class_type": "SaveImage", "inputs": {"images": ["s", 1], "filename_prefix": "streamed"}}}
+    a, b = images(comfy, stock), images(comfy, streamed)
+    assert a.shape == (13, 32, 32) and b.shape == a.shape  # 4 latent frames -> 1 + 3 * 4 video frames
+    assert a.std() > 0.01, "the random VAE decodes to a flat image: the comparison would be empty"
+    assert abs(a - b).max() <= 1 / 255

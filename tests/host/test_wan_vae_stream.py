@@ -1,0 +1,49 @@
+"""Streaming decode (#7) against the host's own Wan 2.1 VAE code, in this process (no server)."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from comfy_host import REPO, find_comfyui
+
+
+@pytest.fixture(scope="module")
+def wan_vae_module():
+    path, reason = find_comfyui()
+    if path is None:
+        pytest.skip(reason)
+    sys.path.insert(0, path)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA probe
+        from comfy.ldm.wan.vae import WanVAE
+    except Exception as error:  # a host that cannot import its VAE here (missing optional packages)
+        pytest.skip(f"the host's Wan VAE does not import in-process: {error}")
+    finally:
+        sys.path.remove(path)  # the host's top-level modules (nodes, utils, server) must not shadow others
+    spec = importlib.util.spec_from_file_location("wan_vae_stream", os.path.join(REPO, "nodes", "adapters", "wan_vae_stream.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return WanVAE, module
+
+
+def test_chunked_decode_equals_one_decode_of_the_whole_latent(wan_vae_module):
+    WanVAE, stream = wan_vae_module
+    torch.manual_seed(0)
+    vae = WanVAE(dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True]).eval()
+    with torch.no_grad():  # the host's layers skip weight init (it always loads weights)
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    z = torch.randn(1, 4, 7, 4, 4)
+    with torch.no_grad():
+        whole = vae.decode(z)
+    decoder = stream.WanStreamingDecoder(vae)
+    parts = [decoder(z[:, :, i:i + 3]) for i in range(0, 7, 3)]  # chunks of 3, 3, 1 latent frames
+    assert [p.shape[2] for p in parts] == [1 + 2 * 2, 3 * 2, 2]  # temporal upsampling x2 here: first frame gives 1
+    assert torch.isfinite(whole).all()
+    assert torch.equal(torch.cat(parts, dim=2), whole)
+    fresh = stream.WanStreamingDecoder(vae)
+    assert not torch.equal(fresh(z[:, :, 3:6]), parts[1]), "the cache carried nothing between chunks"
