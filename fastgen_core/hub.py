@@ -237,9 +237,16 @@ def _download(entry: HubEntry, dest_dir: str, cache_dir: str | None, progress) -
         return hf_hub_download(**kwargs)
     except LocalEntryNotFoundError as err:  # the connection dropped between the probe and the download
         raise HubOfflineError(offline_message(entry, dest_dir, f"the download failed ({err})")) from None
-    except Exception as err:  # repository / file / revision not found, gated, 401...
+    except Exception as err:  # repository / file / revision not found, gated, 401, connection lost...
+        if not _from_the_download(err):
+            raise  # e.g. the host's Cancel raised from the progress callback: not a download error
         raise HubError(f"cannot download {entry.repo_id}/{entry.filename} at {entry.revision or 'main'}: "
                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _from_the_download(err: Exception) -> bool:
+    module = type(err).__module__.split(".")[0]
+    return isinstance(err, (OSError, ValueError)) or module in ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "hf_xet")
 
 
 def hub_cache_dir() -> str:

@@ -2,6 +2,7 @@
 
 from .conditioning import FastGenDigitConditioning
 from .distill import FastGenDistillDMD
+from .hub import FastGenHubDownload
 from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
@@ -9,4 +10,5 @@ from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudent
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
+    FastGenHubDownload,
 ]
