@@ -177,9 +177,9 @@ def fetch(entry: HubEntry, dest_dir: str, cache_dir: str | None = None, progress
     with how to place the file by hand), ChecksumError (the placed file deleted) or HubError.
     """
     check_filename(entry.filename)
-    dest_dir = os.path.realpath(dest_dir)
+    dest_dir = os.path.abspath(dest_dir)
     target = os.path.join(dest_dir, entry.target_name)
-    if os.path.dirname(os.path.realpath(target)) != dest_dir:
+    if os.path.dirname(os.path.abspath(target)) != dest_dir:  # target_name is a checked base name: belt and braces
         raise HubError(f"{entry.target_name!r} would be written outside {dest_dir}")
     if os.path.lexists(target):
         sha = _verify_present(entry, target)
