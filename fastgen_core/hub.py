@@ -93,7 +93,9 @@ def _known(entry: HubEntry) -> HubEntry:
 # or sha256 are downloaded from "main" and the placed file's own sha256 is recorded in its sidecar:
 # pin them before a release (the README lists which).
 _REFINERS = "finegrain-ai/refiners src/refiners/conversion/models/loras.py (revision + sha256)"
-_BFL = "black-forest-labs/flux README model table (sha256); size from published catalogues"
+_BFL = "black-forest-labs/flux README model table (sha256); the same sha256 and size in SimpleSDXL modules/models_info.py"
+# a model-hash table whose SDXL-Lightning and FLUX schnell values match the two sources above; one source only here
+_SIMPLESDXL = "SimpleSDXL modules/models_info.py (sha256 + size)"
 
 CATALOGUE: tuple[HubEntry, ...] = tuple(_known(e) for e in (
     HubEntry("lightx2v Wan2.1 T2V 14B step+CFG distill LoRA (rank 32)", "Kijai/WanVideo_comfy",
@@ -104,11 +106,13 @@ CATALOGUE: tuple[HubEntry, ...] = tuple(_known(e) for e in (
     HubEntry("DMD2 SDXL 4-step UNet", "tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", "diffusion_models"),
     HubEntry("SDXL-Lightning 4-step LoRA", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors", "loras",
              revision="c9a24f48e1c025556787b0c58dd67a091ece2e44",
-             sha256="bf56cf2657efb15e465d81402ed481d1e11c4677e4bcce1bc11fe71ad8506b79", pin_source=_REFINERS),
+             sha256="bf56cf2657efb15e465d81402ed481d1e11c4677e4bcce1bc11fe71ad8506b79", size=393_854_592,
+             pin_source=f"{_REFINERS}; size and the same sha256 in {_SIMPLESDXL}"),
     HubEntry("SDXL-Lightning 8-step LoRA", "ByteDance/SDXL-Lightning", "sdxl_lightning_8step_lora.safetensors", "loras"),
     HubEntry("SDXL-Lightning 4-step UNet", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors", "diffusion_models"),
     HubEntry("Hyper-SDXL 1-step unified LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors", "loras"),
-    HubEntry("Hyper-SDXL 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-lora.safetensors", "loras"),
+    HubEntry("Hyper-SDXL 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-lora.safetensors", "loras",
+             sha256="ca689190e8c46038550384b5675488526cfe5a40d35f82b27acb75c100f417c1", size=787_359_648, pin_source=_SIMPLESDXL),
     HubEntry("Hyper-SDXL 8-step CFG LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors", "loras"),
     HubEntry("Hyper-SD1.5 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-SD15-8steps-lora.safetensors", "loras"),
     HubEntry("Hyper-FLUX.1-dev 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-FLUX.1-dev-8steps-lora.safetensors", "loras"),
@@ -223,7 +227,8 @@ def _download(entry: HubEntry, dest_dir: str, cache_dir: str | None, progress) -
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    kwargs = dict(repo_id=entry.repo_id, filename=entry.filename, revision=entry.revision, cache_dir=cache_dir or hub_cache_dir())
+    kwargs = dict(repo_id=entry.repo_id, filename=entry.filename, revision=entry.revision, cache_dir=cache_dir or hub_cache_dir(),
+                  endpoint=hub_endpoint())
     try:  # the cache first: instant, and the only way when offline
         return hf_hub_download(**kwargs, local_files_only=True)
     except LocalEntryNotFoundError:
@@ -249,6 +254,13 @@ def _from_the_download(err: Exception) -> bool:
     return isinstance(err, (OSError, ValueError)) or module in ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "hf_xet")
 
 
+def hub_endpoint() -> str:
+    """The Hub's address, from the environment at call time (HF_ENDPOINT: a mirror, or a test server)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
 def hub_cache_dir() -> str:
     """The Hub cache, from the environment at call time (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
@@ -265,7 +277,7 @@ def offline_reason() -> str | None:
 
     if _truthy(os.environ.get("HF_HUB_OFFLINE")) or constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    endpoint = hub_endpoint()
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urllib.parse.urlsplit(proxy or endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)

@@ -239,3 +239,69 @@ def test_command_lists_and_fetches(hub_env, tmp_path, capsys):
     assert hub.main(args) == 0 and "already present" in capsys.readouterr().out
     assert hub.main(["get", "FLUX.1 schnell", "--dest", str(tmp_path / "dm")]) == 2
     assert "Place it by hand" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A local HTTP server answering the two requests hf_hub_download makes (HEAD for the commit, etag and
+    size; GET for the bytes), as HF_ENDPOINT, with an empty cache: the download path itself runs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = tiny_lora_bytes() * 40  # a few chunks, so progress moves more than once
+    served = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def _headers(self):
+            if self.path != f"/{REPO}/resolve/main/{FILENAME}":
+                self.send_response(404)
+                self.end_headers()
+                return False
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return True
+
+        def do_HEAD(self):
+            self._headers()
+
+        def do_GET(self):
+            if self._headers():
+                served.append(self.path)
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    yield data, served
+    server.shutdown()
+
+
+def test_download_reports_bytes_and_places_the_file(fake_hub, tmp_path):
+    data, served = fake_hub
+    seen = []
+    placed = hub.fetch(entry(), str(tmp_path / "loras"), progress=lambda done, total: seen.append((done, total)))
+    assert placed.downloaded and served == [f"/{REPO}/resolve/main/{FILENAME}"]
+    assert open(placed.path, "rb").read() == data and read_sidecar(placed.path)["revision"] == COMMIT
+    assert seen and seen[-1] == (len(data), len(data)) and all(total == len(data) for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_a_download_that_does_not_match_the_catalogue_is_deleted(fake_hub, tmp_path):
+    dest = tmp_path / "loras"
+    with pytest.raises(hub.ChecksumError, match="deleted"):
+        hub.fetch(entry(sha256="f" * 64), str(dest))
+    assert os.listdir(dest) == []
+    cache_blobs = [f for _, _, files in os.walk(os.environ["HF_HUB_CACHE"]) for f in files if len(f) == 64]
+    assert cache_blobs == [], "the corrupt download stayed in the Hub cache"
