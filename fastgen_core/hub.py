@@ -350,10 +350,15 @@ def _place(entry: HubEntry, cached: str, target: str) -> str:
     if os.path.lexists(tmp):
         os.remove(tmp)
     try:
-        os.link(blob, tmp)  # no second copy of a multi-GB file where the filesystem allows
-    except OSError:
-        shutil.copyfile(blob, tmp)
-    sha = sha256_of(tmp)
+        try:
+            os.link(blob, tmp)  # no second copy of a multi-GB file where the filesystem allows
+        except OSError:
+            shutil.copyfile(blob, tmp)
+        sha = sha256_of(tmp)
+    except BaseException:  # a full disk, a Cancel: no partial file is left in the folder
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
     if entry.sha256 and sha != entry.sha256:
         os.remove(tmp)
         _drop_from_cache(cached)

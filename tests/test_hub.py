@@ -97,6 +97,23 @@ def test_copy_when_hard_links_are_refused(hub_env, tmp_path, monkeypatch):
     assert open(placed.path, "rb").read() == data and os.stat(placed.path).st_ino != os.stat(blob).st_ino
 
 
+def test_a_failed_copy_leaves_no_partial_file(hub_env, tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    def disk_full(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hub.os, "link", no_link)
+    monkeypatch.setattr(hub.shutil, "copyfile", disk_full)
+    dest = tmp_path / "loras"
+    with pytest.raises(OSError, match="No space"):
+        hub.fetch(entry(), str(dest))
+    assert os.listdir(dest) == []
+
+
 def test_checksum_mismatch_deletes_the_file_and_says_so(hub_env, tmp_path):
     cache, blob, _ = hub_env
     dest = tmp_path / "loras"
