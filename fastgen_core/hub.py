@@ -355,9 +355,11 @@ def _place(entry: HubEntry, cached: str, target: str) -> str:
         except OSError:
             shutil.copyfile(blob, tmp)
         sha = sha256_of(tmp)
-    except BaseException:  # a full disk, a Cancel: no partial file is left in the folder
+    except BaseException as err:  # a full disk, a Cancel: no partial file is left in the folder
         if os.path.lexists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):
+            raise HubError(f"cannot place {entry.repo_id}/{entry.filename} in {os.path.dirname(target)}: {err}") from None
         raise
     if entry.sha256 and sha != entry.sha256:
         os.remove(tmp)
