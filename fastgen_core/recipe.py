@@ -8,10 +8,13 @@ loading any tensor.
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 
 RECIPE_KEY = "fastgen.recipe"
+SIDECAR_SUFFIX = ".recipe.json"  # `<file>.recipe.json`: the recipe of a file that must stay byte-identical (Hub downloads)
 RECIPE_VERSION = 1
 PREDICTIONS = ("flow", "eps", "v")
 
@@ -223,3 +226,62 @@ KNOWN_STUDENTS: tuple[KnownStudent, ...] = (
         key_rule=("guidance_in.", False),  # FLUX without the guidance embedder is schnell
     ),
 )
+
+
+# ------------------------------------------------------------------ sidecar recipes and the lookup order
+
+
+def sidecar_path(path: str) -> str:
+    return path + SIDECAR_SUFFIX
+
+
+def read_sidecar(path: str) -> dict | None:
+    """The sidecar of a student file as a dict, or None when there is none. Its "recipe" (a Recipe as a
+    JSON object) is absent for a downloaded file with no known recipe, which keeps only provenance."""
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        return None
+    try:
+        with open(side, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{side}: not a readable recipe sidecar ({err}); delete it or download the file again") from None
+    if not isinstance(values, dict) or not isinstance(values.get("recipe", {}), dict):
+        raise ValueError(f"{side}: a recipe sidecar must be a JSON object whose 'recipe' is an object")
+    return values
+
+
+def write_sidecar(path: str, recipe: Recipe | None, **provenance) -> str:
+    """Write `<path>.recipe.json` atomically: the recipe plus where the file came from (repo, revision,
+    sha256, size...). Values must be JSON-serialisable."""
+    side = sidecar_path(path)
+    values = {"recipe": json.loads(recipe.to_json()) if recipe is not None else None, **provenance}
+    if recipe is None:
+        values.pop("recipe")
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(side) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=1, sort_keys=True)
+        os.replace(tmp, side)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return side
+
+
+def lookup_recipe(path: str, metadata: dict, keys=(), family: str | None = None, kind: str | None = None) -> tuple[Recipe | None, str]:
+    """The recipe of a student file and where it came from, in this order: the file's own `fastgen.recipe`
+    metadata (what the maker wrote), the `<file>.recipe.json` sidecar (what a download recorded), the
+    known-students table (recognised by name or keys). (None, "") when none applies."""
+    if RECIPE_KEY in metadata:
+        return Recipe.from_json(metadata[RECIPE_KEY], source=path), f"from the file's {RECIPE_KEY} metadata"
+    side = read_sidecar(path)
+    if side is not None and side.get("recipe") is not None:
+        recipe = Recipe.from_json(json.dumps(side["recipe"]), source=sidecar_path(path))
+        origin = f" ({side['repo_id']})" if side.get("repo_id") else ""
+        return recipe, f"from its sidecar {os.path.basename(sidecar_path(path))}{origin} (recipe from {recipe.source})"
+    known = identify_student(os.path.basename(path), keys=keys, family=family, kind=kind)
+    if known is not None:
+        return known.recipe, f"recognised as {known.name} (recipe from {known.recipe.source})"
+    return None, ""

@@ -2,6 +2,7 @@
 
 from .conditioning import FastGenDigitConditioning
 from .distill import FastGenDistillDMD
+from .hub import FastGenHubDownload
 from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
@@ -10,5 +11,5 @@ from .world import FastGenCausalVideoSampler
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
-    FastGenCausalVideoSampler,
+    FastGenCausalVideoSampler, FastGenHubDownload,
 ]

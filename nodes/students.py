@@ -26,7 +26,7 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, students
-from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, identify_student
+from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, lookup_recipe
 from .adapters.embedded import load_digit_model
 from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
 from .loaders import embedded_models, resolve_model_path
@@ -40,20 +40,13 @@ NO_RECIPE_HELP = (
 )
 
 
-def _recipe_from_metadata(metadata: dict, source: str) -> Recipe | None:
-    return Recipe.from_json(metadata[RECIPE_KEY], source=source) if RECIPE_KEY in metadata else None
-
-
 def _find_recipe(path: str, metadata: dict, keys, family: str | None, kind: str) -> tuple[Recipe | None, str]:
-    """The recipe for a student file and where it came from."""
-    recipe = _recipe_from_metadata(metadata, path)
-    if recipe is not None:
-        return recipe, f"from the file's {RECIPE_KEY} metadata"
-    known = identify_student(os.path.basename(path), keys=keys, family=family, kind=kind)
-    if known is not None:
-        return known.recipe, f"recognised as {known.name} (recipe from {known.recipe.source})"
-    name = os.path.basename(path)
-    return None, f"no recipe found: {name} has no {RECIPE_KEY} metadata and is not a known public student. {NO_RECIPE_HELP}"
+    """The recipe for a student file and where it came from: metadata > sidecar > known-students table."""
+    recipe, note = lookup_recipe(path, metadata, keys=keys, family=family, kind=kind)
+    if recipe is None:
+        name = os.path.basename(path)
+        note = f"no recipe found: {name} has no {RECIPE_KEY} metadata or sidecar and is not a known public student. {NO_RECIPE_HELP}"
+    return recipe, note
 
 
 def student_files() -> list[str]:

@@ -52,8 +52,9 @@ class ComfyServer:
     """ComfyUI on 127.0.0.1 with a throwaway base directory holding models/, custom_nodes/ (this
     pack, linked), input/, output/, temp/ and user/."""
 
-    def __init__(self, comfy_path: str, extra_models: dict[str, list[str]] | None = None):
+    def __init__(self, comfy_path: str, extra_models: dict[str, list[str]] | None = None, env: dict[str, str] | None = None):
         self.comfy_path = comfy_path
+        self.env = dict(env or {})  # extra environment for the server process (e.g. HF_HUB_CACHE / HF_HUB_OFFLINE)
         self.base = tempfile.mkdtemp(prefix="fastgen-host-")
         for sub in ("custom_nodes", "input", "output", "temp", "user", "models/diffusion_models", "models/loras", "models/vae"):
             os.makedirs(os.path.join(self.base, sub), exist_ok=True)
@@ -76,7 +77,8 @@ class ComfyServer:
             "--preview-method", "latent2rgb",
         ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
