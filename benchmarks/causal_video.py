@@ -1,0 +1,185 @@
+"""The causal video loop at Wan-2.1-1.3B size on the host's own Wan code (random weights):
+832x480, chunks of 3 latent frames, 4 steps per chunk, 81 video frames, each chunk decoded by the
+Wan 2.1 VAE as soon as it is final (streaming decode). Prints FPS, first-chunk latency, peak memory
+and the share of the transformer's compute floor reached.
+
+    COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py           # GPU, full size
+    COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py --small   # CPU smoke test
+
+The loop is what FastGen Causal Video Sampler runs (nodes/adapters/wan_causal.py, the same block
+patches and attention override, fastgen_core.world.KVCache), driven here without the host's
+sampler objects: x0 = x - sigma * v, re-noised with fresh noise (DMD multistep), then one context
+pass at sigma 0 per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+import types
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from fastgen_core import world  # noqa: E402
+
+
+def load_host(comfyui: str, cpu: bool):
+    sys.path.insert(0, comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    from comfy.ldm.wan.vae import WanVAE
+
+    return comfy.ops, WanModel, WanVAE
+
+
+def load_adapters():
+    """nodes/adapters/* as modules of a stand-in package (the pack's own __init__ wants the full host)."""
+    for name, path in (("fgpack", REPO), ("fgpack.nodes", os.path.join(REPO, "nodes")),
+                       ("fgpack.nodes.adapters", os.path.join(REPO, "nodes", "adapters"))):
+        package = types.ModuleType(name)
+        package.__path__ = [path]
+        sys.modules[name] = package
+    import fastgen_core
+
+    sys.modules["fgpack.fastgen_core"], sys.modules["fgpack.fastgen_core.world"] = fastgen_core, world
+    modules = {}
+    for name in ("wan_causal", "wan_vae_stream"):
+        spec = importlib.util.spec_from_file_location(f"fgpack.nodes.adapters.{name}", os.path.join(REPO, "nodes", "adapters", f"{name}.py"))
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[name]
+        spec.loader.exec_module(modules[name])
+    return modules["wan_causal"], modules["wan_vae_stream"]
+
+
+def randomize(module, std=0.02):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma") or "norm" in name and p.ndim == 1:
+                p.fill_(1.0)
+            elif p.ndim <= 1:
+                p.zero_()
+            else:
+                p.normal_(0, std if p.ndim == 2 else 1.0 / p[0].numel() ** 0.5)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks):
+    """One video: returns (seconds to the first decoded chunk, total seconds, transformer s, decode s, frames)."""
+    cache = world.KVCache(token_dim=1)
+    run = wan_causal.WanCausalRun(dm, cache)
+    options = {"patches_replace": {"dit": {("double_block", i): wan_causal._block_patch(i) for i in range(len(dm.blocks))}},
+               "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
+    shift = 5.0
+    ts = torch.tensor([1.0, 0.75, 0.5, 0.25][: args.steps] + [0.0])
+    sigmas = (shift * ts / (1 + (shift - 1) * ts)).tolist()
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (1, 16, args.chunk, args.height // 8, args.width // 8)
+    start = time.perf_counter()
+    first = transformer = decode = 0.0
+    frames = 0
+    with torch.no_grad():
+        for _ in range(chunks):
+            t0 = time.perf_counter()
+            x = torch.randn(shape, generator=gen, device=device, dtype=dtype) * sigmas[0]
+            run.begin_chunk(shape, device, dtype)
+            for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+                v = dm(x, torch.full((1,), s * 1000.0, device=device), context, transformer_options=options)
+                x0 = x - s * v
+                x = (1 - s_next) * x0 + s_next * torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            run.begin_chunk(shape, device, dtype, write=True)
+            dm(x0, torch.zeros(1, device=device), context, transformer_options=options)
+            run.end_chunk(args.chunk)
+            sync(device)
+            t1 = time.perf_counter()
+            pixels = decoder(x0)
+            sync(device)
+            t2 = time.perf_counter()
+            frames += pixels.shape[2]
+            transformer += t1 - t0
+            decode += t2 - t1
+            if not first:
+                first = t2 - start
+    return first, time.perf_counter() - start, transformer, decode, frames, cache
+
+
+def floor_tflop(args, layers=30, dim=1536, ffn=8960, text=512):
+    """Transformer FLOPs of one video: per forward, linears 2 * params * tokens, self-attention
+    4 * q * k * dim, cross-attention 4 * q * text * dim (+ its k/v projections of the text)."""
+    tokens = args.chunk * (args.height // 16) * (args.width // 16)
+    linear = 2 * tokens * (8 * dim * dim + 2 * dim * ffn) * layers
+    total, context = 0.0, 0
+    chunks = args.frames // args.chunk
+    for _ in range(chunks):
+        keys = context + tokens
+        attention = (4 * tokens * keys * dim + 4 * tokens * text * dim) * layers
+        total += (args.steps + 1) * (linear + attention)
+        context += tokens
+    return total / 1e12
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".comfy")))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
+    parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ops, WanModel, WanVAE = load_host(args.comfyui, cpu=device == "cpu")
+    wan_causal, wan_vae_stream = load_adapters()
+    if args.small:
+        args.width, args.height, args.frames, args.chunk = 64, 32, 4, 2
+        size = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+        vae_size = dict(dim=8, dim_mult=[1, 2, 4, 4])
+    else:
+        args.width, args.height = 832, 480
+        size = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+        vae_size = dict(dim=96, dim_mult=[1, 2, 4, 4])
+    dm = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096, out_dim=16,
+                  cross_attn_norm=True, device=device, dtype=dtype, operations=ops.disable_weight_init, **size)
+    randomize(dm)
+    vae = WanVAE(z_dim=16, num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True], **vae_size)
+    vae = vae.to(device=device, dtype=dtype)
+    randomize(vae)
+    context = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+    chunks = args.frames // args.chunk
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    params = sum(p.numel() for p in dm.parameters()) / 1e9
+    print(f"{name}, torch {torch.__version__}, {dtype}; Wan {params:.2f} B params, {args.width}x{args.height}, "
+          f"{chunks} chunks x {args.chunk} latent frames, {args.steps} steps + 1 context pass per chunk; streaming VAE decode; "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
+    rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, min(2, chunks))  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, total, transformer, decode, frames, cache = rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context,
+                                                               args, device, dtype, chunks)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    tflop = floor_tflop(args, layers=size["num_layers"], dim=size["dim"], ffn=size["ffn_dim"])
+    floor_s = tflop / args.peak_tflops
+    print(f"video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; first chunk (denoised + decoded) {first:.3f} s")
+    print(f"transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), VAE decode {decode:.2f} s "
+          f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB")
+    print(f"transformer compute floor: {tflop:.0f} TFLOP for the video ({tflop / frames:.1f} per frame), {floor_s:.2f} s at "
+          f"{args.peak_tflops:g} TFLOP/s; reached {floor_s / transformer:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
