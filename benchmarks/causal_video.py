@@ -53,7 +53,8 @@ def load_adapters():
     sys.modules["fgpack.fastgen_core"], sys.modules["fgpack.fastgen_core.world"] = fastgen_core, world
     modules = {}
     for name in ("wan_causal", "wan_vae_stream"):
-        spec = importlib.util.spec_from_file_location(f"fgpack.nodes.adapters.{name}", os.path.join(REPO, "nodes", "adapters", f"{name}.py"))
+        path = os.path.join(REPO, "nodes", "adapters", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"fgpack.nodes.adapters.{name}", path)
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]
         spec.loader.exec_module(modules[name])

@@ -77,3 +77,108 @@ def from_model_space(x: torch.Tensor) -> torch.Tensor:
     """[N, 3, 32, 32] in -1..1 -> [N, 1, 28, 28] in 0..1 (channel mean, centre crop, clamped)."""
     grey = x.float().mean(dim=1, keepdim=True)
     return ((grey[..., 2:-2, 2:-2] + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------ the procedural game (#8)
+
+GAME_ACTIONS = ("none", "up", "down", "left", "right", "jump")  # indices 0..5; networks.NUM_ACTIONS adds the null action
+GAME_VIEW = 64  # frames are GAME_VIEW x GAME_VIEW RGB
+GAME_WORLD = 256  # the world is a GAME_WORLD-square torus: the camera never reaches an edge
+GAME_SPEED = 2  # pixels per frame
+JUMP_FRAMES = 6
+_MOVES = {1: (0, -1), 2: (0, 1), 3: (-1, 0), 4: (1, 0)}  # (dx, dy) per action
+
+
+def game_world(seed: int) -> torch.Tensor:
+    """The world map [3, GAME_WORLD, GAME_WORLD] in 0..1 for a seed: grass with a 16-pixel tile
+    shading, ponds, paths and trees, so every view has structure the agent's motion shifts."""
+    gen = torch.Generator().manual_seed(seed)
+    n = GAME_WORLD
+    ys, xs = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
+    world = torch.empty(3, n, n)
+    world[0], world[1], world[2] = 0.30, 0.62, 0.25  # grass
+    checker = (((xs // 16) + (ys // 16)) % 2) * 0.06
+    world[1] += checker
+
+    def torus_distance(cx, cy):
+        dx = torch.minimum((xs - cx).abs(), n - (xs - cx).abs())
+        dy = torch.minimum((ys - cy).abs(), n - (ys - cy).abs())
+        return dx, dy
+
+    for _ in range(5):  # ponds
+        cx, cy = torch.randint(0, n, (2,), generator=gen).float()
+        rx, ry = 10 + torch.rand(2, generator=gen) * 18
+        dx, dy = torus_distance(cx, cy)
+        water = (dx / rx) ** 2 + (dy / ry) ** 2 <= 1
+        world[:, water] = torch.tensor([0.15, 0.35, 0.80])[:, None]
+    for _ in range(3):  # sandy paths along rows and columns
+        if torch.rand(1, generator=gen) < 0.5:
+            band = ((ys - torch.randint(0, n, (1,), generator=gen)) % n) < 6
+        else:
+            band = ((xs - torch.randint(0, n, (1,), generator=gen)) % n) < 6
+        world[:, band] = torch.tensor([0.80, 0.70, 0.45])[:, None]
+    for _ in range(40):  # trees: a dark crown with a lighter centre
+        cx, cy = torch.randint(0, n, (2,), generator=gen).float()
+        dx, dy = torus_distance(cx, cy)
+        r2 = dx**2 + dy**2
+        world[:, r2 <= 25] = torch.tensor([0.05, 0.30, 0.08])[:, None]
+        world[:, r2 <= 4] = torch.tensor([0.20, 0.45, 0.15])[:, None]
+    return world.clamp(0, 1)
+
+
+@dataclass
+class GameState:
+    x: int  # agent position in world pixels (the view's centre)
+    y: int
+    jump: int = 0  # frames left of a jump (the agent drawn larger, with a shadow)
+
+
+class Game:
+    """A top-down world larger than the view; the agent moves by actions and the camera follows it.
+
+    `step(action)` applies one action and returns the next 64x64 frame [3, 64, 64] in -1..1
+    (model space). Deterministic for the seed: the same actions give the same frames.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.world = game_world(seed)
+        start = torch.randint(0, GAME_WORLD, (2,), generator=torch.Generator().manual_seed(seed + 1))
+        self.state = GameState(int(start[0]), int(start[1]))
+
+    def step(self, action: int) -> torch.Tensor:
+        action = int(action)
+        if not 0 <= action < len(GAME_ACTIONS):
+            raise ValueError(f"game action {action} is not one of 0..{len(GAME_ACTIONS) - 1} ({', '.join(GAME_ACTIONS)})")
+        s = self.state
+        if action in _MOVES:
+            dx, dy = _MOVES[action]
+            s.x, s.y = (s.x + dx * GAME_SPEED) % GAME_WORLD, (s.y + dy * GAME_SPEED) % GAME_WORLD
+        if action == 5 and s.jump == 0:
+            s.jump = JUMP_FRAMES
+        frame = self.render()
+        s.jump = max(0, s.jump - 1)
+        return frame
+
+    def render(self) -> torch.Tensor:
+        s, half = self.state, GAME_VIEW // 2
+        view = torch.roll(self.world, shifts=(half - s.y, half - s.x), dims=(1, 2))[:, :GAME_VIEW, :GAME_VIEW].clone()
+        size = 4 if s.jump == 0 else 6  # half-size of the agent square
+        if s.jump:
+            view[:, half + 5:half + 8, half - 4:half + 4] *= 0.5  # shadow on the ground
+        view[:, half - size:half + size, half - size:half + size] = torch.tensor([0.90, 0.15, 0.10])[:, None, None]
+        view[:, half - size:half - size + 2, half - 1:half + 1] = 1.0  # a white "nose" marks the top
+        return view * 2.0 - 1.0
+
+
+def game_episode(seed: int, frames: int, persistence: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames [T, 3, 64, 64] in -1..1, actions [T]): a random player who keeps an action with
+    probability `persistence`, so episodes contain runs of motion in every direction and jumps."""
+    gen = torch.Generator().manual_seed(seed)
+    game = Game(seed)
+    actions, out, action = [], [], 0
+    for _ in range(frames):
+        if torch.rand(1, generator=gen) > persistence:
+            action = int(torch.randint(0, len(GAME_ACTIONS), (1,), generator=gen))
+        actions.append(action)
+        out.append(game.step(action))
+    return torch.stack(out), torch.tensor(actions)
