@@ -30,6 +30,7 @@ def _architectures():
 
     return {
         "DigitDiT": (networks.DigitDiT, networks.DigitDiTConfig),
+        "CausalWorldDiT": (networks.CausalWorldDiT, networks.CausalWorldDiTConfig),
         "DigitClassifier": (eval_module.DigitClassifier, eval_module.DigitClassifierConfig),
     }
 

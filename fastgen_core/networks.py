@@ -297,6 +297,13 @@ class CausalWorldDiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> CausalWorldDiTConfig:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown CausalWorldDiT config keys: {sorted(unknown)}")
+        return cls(**values)
+
     @property
     def tokens_per_frame(self) -> int:
         return (self.frame_size // self.patch_size) ** 2

@@ -133,6 +133,85 @@ def train_student(student_steps: int = 4, minutes: float = 10.0, batch: int = 32
     return merge_lora(net, adapters[distill.STUDENT]), recipe, trainer
 
 
+WORLD_PATH = os.path.join(metrics.ASSETS, "game_world_model.safetensors")
+NULL_ACTION = networks.NUM_ACTIONS - 1  # "no action given": dropped in 10% of training clips, for guidance
+
+
+def world_recipe(steps: int = 4, chunk_frames: int = 4) -> Recipe:
+    return Recipe(family="fastgen-game", prediction="flow", steps=steps, sampler="multistep_ode", cfg=1.0, shift=1.0,
+                  method="diffusion-forcing", extra={"chunk_frames": chunk_frames})
+
+
+def game_pool(episodes: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Game episodes [N, 3, T, 64, 64] and their actions [N, T] (training worlds: seeds from `seed`)."""
+    clips = [data.game_episode(seed + i, frames) for i in range(episodes)]
+    return torch.stack([c[0].transpose(0, 1) for c in clips]), torch.stack([c[1] for c in clips])
+
+
+def world_loss(net, x0, actions, chunk_frames: int, generator=None):
+    """Diffusion forcing with teacher forcing mixed in, over a block-causal sequence of chunks.
+
+    Every chunk gets its own noise level (diffusion forcing); in half the clips the chunks before a
+    random one are clean instead, as the causal loop's cache holds them at generation (teacher
+    forcing). Clean frames carry no loss: their velocity target is unpredictable noise."""
+    b, _, t = x0.shape[:3]
+    chunks = t // chunk_frames
+    level = torch.rand(b, chunks, generator=generator)
+    forced = torch.rand(b, generator=generator) < 0.5
+    current = torch.randint(0, chunks, (b,), generator=generator)
+    before = torch.arange(chunks)[None, :] < current[:, None]
+    level = torch.where(forced[:, None] & before, torch.zeros_like(level), level)
+    sigma = level.repeat_interleave(chunk_frames, dim=1).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigma[:, None, :, None, None]
+    x_t = (1 - s) * x0 + s * noise
+    dropped = torch.rand(b, generator=generator) < 0.1
+    actions = torch.where(dropped[:, None].to(actions.device), torch.full_like(actions, NULL_ACTION), actions)
+    v = net.forward_sequence(x_t, sigma, actions, chunk_frames)
+    weight = (sigma > 0).float()[:, None, :, None, None]
+    return ((v - (noise - x0)) ** 2 * weight).sum() / (weight.sum() * x0[:, :, 0].numel() / b).clamp_min(1)
+
+
+def train_world(minutes: float | None = 10.0, steps: int | None = None, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+                config: networks.CausalWorldDiTConfig = networks.CausalWorldDiTConfig(), chunk_frames: int = 4,
+                clip_frames: int = 16, episodes: int = 256, episode_frames: int = 64, ema_decay: float = 0.999,
+                warmup: int = 200, device: str = "cpu", log=print) -> networks.CausalWorldDiT:
+    """The embedded world model: the causal DiT on game clips (diffusion forcing + teacher forcing)."""
+    if (minutes is None) == (steps is None):
+        raise ValueError("give exactly one of minutes or steps")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    frames, actions = game_pool(episodes, episode_frames, seed)
+    frames, actions = frames.to(device), actions.to(device)
+    net = networks.CausalWorldDiT(config).init_weights(seed).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start, step = time.time(), 0
+    while True:
+        progress = (time.time() - start) / (60 * minutes) if steps is None else step / steps
+        if progress >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        rows = torch.randint(0, episodes, (batch,), generator=gen)
+        offsets = torch.randint(0, episode_frames - clip_frames + 1, (batch,), generator=gen)
+        window = offsets[:, None] + torch.arange(clip_frames)[None]
+        x0 = frames[rows[:, None].to(device), :, window.to(device)].permute(0, 2, 1, 3, 4)
+        loss = world_loss(net, x0, actions[rows[:, None].to(device), window.to(device)], chunk_frames, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+        if step % 100 == 0:
+            log(f"world step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f}s")
+        step += 1
+    log(f"world model trained: {step} steps of {batch} clips of {clip_frames} frames in {time.time() - start:.0f}s")
+    return ema.eval().cpu()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -160,10 +239,24 @@ def main(argv=None):
     s.add_argument("--device", default="cpu")
     s.add_argument("--gan-weight", type=float, default=0.0, help="DMD2's GAN term on real digits (0: off, data-free)")
     s.add_argument("--out", default=None, help="default: assets/digit_student_<N>step.safetensors")
-    for p in (c, t, s):
+    w = sub.add_parser("world", help="the embedded game world model (causal DiT, diffusion forcing)")
+    w.add_argument("--minutes", type=float, default=10.0)
+    w.add_argument("--batch", type=int, default=16)
+    w.add_argument("--lr", type=float, default=1e-3)
+    w.add_argument("--dim", type=int, default=128)
+    w.add_argument("--depth", type=int, default=4)
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--out", default=WORLD_PATH)
+    for p in (c, t, s, w):
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.what == "world":
+        config = networks.CausalWorldDiTConfig(dim=args.dim, depth=args.depth, heads=max(2, args.dim // 32))
+        net = train_world(args.minutes, batch=args.batch, lr=args.lr, seed=args.seed, config=config, device=args.device)
+        checkpoint.save_network(args.out, net, world_recipe())
+        print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+        return
     if args.what == "student":
         student, recipe, trainer = train_student(args.student_steps, args.minutes, args.batch, args.lr, args.rank, args.guidance,
                                                  args.update_freq, args.seed, args.device, gan_weight=args.gan_weight)

@@ -110,19 +110,29 @@ class Chunk:
 def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedule: ChunkSchedule,
             actions: Callable[[int, int], torch.Tensor] | torch.Tensor | None = None, batch: int = 1,
             frame_shape: tuple | None = None, context_noise: float = 0.0, sampler: str = "sde", seed: int = 0,
-            decode: Callable[[torch.Tensor], torch.Tensor] | None = None, device=None) -> Iterator[Chunk]:
+            decode: Callable[[torch.Tensor], torch.Tensor] | None = None, device=None,
+            prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[Chunk]:
     """Generate chunk after chunk (forever when `chunks` is None), yielding each when final.
 
     `actions(first_frame, frames) -> LongTensor[B, frames]` is asked for each chunk's actions just
     before the chunk is generated (live input), or a tensor [B, T] gives them all up front.
     `sampler` "sde" re-noises with fresh noise between steps (DMD / consistency students), "ode"
     jumps deterministically. The noise comes from one generator seeded by `seed`.
+    `prefix` = (frames [B, C, F0, H, W], actions [B, F0]): given frames (a start image or clip) that
+    go into the cache first, `chunk_frames` at a time; generation continues after them.
     """
     config = model.config
     frame_shape = frame_shape or (config.in_channels, config.frame_size, config.frame_size)
     weight = next(model.parameters())
     device, dtype = device or weight.device, weight.dtype
     generator = torch.Generator().manual_seed(seed)
+    if prefix is not None:
+        frames, prefix_actions = prefix
+        with torch.no_grad():
+            for start in range(0, frames.shape[2], chunk_frames):
+                part = frames[:, :, start:start + chunk_frames].to(device, dtype)
+                level = torch.zeros(part.shape[0], part.shape[2], device=device, dtype=dtype)
+                model(part, level, prefix_actions[:, start:start + chunk_frames].to(device), cache, write_cache=True)
     index = 0
     while chunks is None or index < chunks:
         start = time.perf_counter()

@@ -121,3 +121,13 @@ def test_context_noise_and_bad_actions():
     with pytest.raises(ValueError, match="actions cover 1 frames"):
         next(world.rollout(spy, world.KVCache(), chunks=1, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1),
                            actions=torch.zeros(1, 1, dtype=torch.long)))
+
+
+def test_prefix_frames_go_into_the_cache_before_generation():
+    spy = Spy(random_model())
+    x, actions = sequence(chunks=3)
+    chunks = list(world.rollout(spy, world.KVCache(), chunks=1, chunk_frames=2, schedule=world.ChunkSchedule.few_step(1),
+                                prefix=(x[:, :, :4], actions[:, :4]), actions=actions, batch=2, device="cpu"))
+    assert [float(w[1].abs().max()) for w in spy.writes[:2]] == [0.0, 0.0] and len(spy.writes) == 3
+    assert torch.equal(spy.writes[0][0], x[:, :, :2]) and chunks[0].first_frame == 4
+    assert torch.equal(spy.calls[0][2], actions[:, 4:6]), "generation continues with the actions after the prefix"
