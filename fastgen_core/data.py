@@ -89,6 +89,13 @@ JUMP_FRAMES = 6
 _MOVES = {1: (0, -1), 2: (0, 1), 3: (-1, 0), 4: (1, 0)}  # (dx, dy) per action
 
 
+def view_shift(action: int) -> tuple[int, int]:
+    """How the view's content moves (dx, dy pixels) when the agent takes `action`: the camera
+    follows the agent, so the world slides the opposite way (none and jump: no shift)."""
+    dx, dy = _MOVES.get(int(action), (0, 0))
+    return -dx * GAME_SPEED, -dy * GAME_SPEED
+
+
 def game_world(seed: int) -> torch.Tensor:
     """The world map [3, GAME_WORLD, GAME_WORLD] in 0..1 for a seed: grass with a 16-pixel tile
     shading, ponds, paths and trees, so every view has structure the agent's motion shifts."""

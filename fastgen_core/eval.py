@@ -159,3 +159,28 @@ def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 2.0) -> float:
     import kornia.metrics
 
     return kornia.metrics.psnr(a.float(), b.float(), max_val).item()
+
+
+def estimate_shift(before: torch.Tensor, after: torch.Tensor, ignore_centre: int = 10) -> tuple[int, int]:
+    """The whole-pixel translation (dx, dy) that best maps frame `before` onto `after` ([C, H, W]),
+    by phase correlation: after(x, y) ~ before(x - dx, y - dy).
+
+    Used on game frames, where the camera follows the agent: moving right shifts the view by
+    (-GAME_SPEED, 0). A square of `ignore_centre` pixels around the centre (the agent, which stays
+    put) is filled with the frame's mean so it does not vote for (0, 0)."""
+    def prepare(frame):
+        gray = frame.float().mean(0)
+        h, w = gray.shape
+        if ignore_centre:
+            half = ignore_centre
+            gray = gray.clone()
+            gray[h // 2 - half:h // 2 + half, w // 2 - half:w // 2 + half] = gray.mean()
+        window = torch.hann_window(h, periodic=False)[:, None] * torch.hann_window(w, periodic=False)[None]
+        return (gray - gray.mean()) * window
+
+    a, b = torch.fft.fft2(prepare(before)), torch.fft.fft2(prepare(after))
+    cross = b * a.conj()
+    correlation = torch.fft.ifft2(cross / cross.abs().clamp_min(1e-8)).real
+    h, w = correlation.shape
+    dy, dx = divmod(int(correlation.argmax()), w)
+    return (dx - w if dx > w // 2 else dx), (dy - h if dy > h // 2 else dy)

@@ -46,20 +46,29 @@ def write_png(path: str, image: torch.Tensor, scale: int = 1):
 SERIES_COLORS = ((0.95, 0.55, 0.15), (0.25, 0.6, 0.95), (0.4, 0.8, 0.4), (0.85, 0.35, 0.75))
 
 
-def line_chart(series: dict, width: int = 512, height: int = 256, pad: int = 12) -> torch.Tensor:
+def line_chart(series: dict, width: int = 512, height: int = 256, pad: int = 12, shared: bool = False) -> torch.Tensor:
     """A plain line chart of named series ([H, W, 3] in 0..1, ComfyUI's IMAGE layout), each series
-    scaled to its own range so losses of different sizes share one plot; colours by order."""
+    scaled to its own range so losses of different sizes share one plot (or all to one range with
+    `shared`, for series to compare); colours by order; non-finite values are left out."""
+    finite = [torch.as_tensor(v, dtype=torch.float32) for v in series.values() if len(v) > 1]
+    finite = torch.cat([v[torch.isfinite(v)] for v in finite]) if finite else torch.zeros(0)
     image = torch.full((height, width, 3), 0.12)
     image[pad - 1, pad - 1 : width - pad + 1] = image[height - pad, pad - 1 : width - pad + 1] = 0.4
     for index, values in enumerate(v for v in series.values() if len(v) > 1):
         values = torch.as_tensor(values, dtype=torch.float32)
-        low, high = values.min(), values.max()
+        values = torch.where(torch.isfinite(values), values, torch.nan)
+        scale = finite if shared and finite.numel() else values[torch.isfinite(values)]
+        if not scale.numel():
+            continue
+        low, high = scale.min(), scale.max()
         ys = (values - low) / (high - low) if high > low else torch.full_like(values, 0.5)
         xs = torch.linspace(pad, width - pad - 1, len(values))
         rows = (height - pad - 1 - ys * (height - 2 * pad - 1)).round().long()
         colour = torch.tensor(SERIES_COLORS[index % len(SERIES_COLORS)])
         # draw each segment densely so the line is continuous
         for i in range(len(values) - 1):
+            if not (torch.isfinite(ys[i]) and torch.isfinite(ys[i + 1])):
+                continue
             x0, y0, x1, y1 = float(xs[i]), int(rows[i]), float(xs[i + 1]), int(rows[i + 1])
             n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
             for f in torch.linspace(0, 1, n).tolist():

@@ -153,7 +153,8 @@ def world_loss(net, x0, actions, chunk_frames: int, generator=None):
 
     Every chunk gets its own noise level (diffusion forcing); in half the clips the chunks before a
     random one are clean instead, as the causal loop's cache holds them at generation (teacher
-    forcing). Clean frames carry no loss: their velocity target is unpredictable noise."""
+    forcing). The loss is on the clean frames the network predicts (`config.prediction` "x0"; or
+    on the velocity), over the noisy frames only: clean ones are given, not predicted."""
     b, _, t = x0.shape[:3]
     chunks = t // chunk_frames
     level = torch.rand(b, chunks, generator=generator)
@@ -167,9 +168,10 @@ def world_loss(net, x0, actions, chunk_frames: int, generator=None):
     x_t = (1 - s) * x0 + s * noise
     dropped = torch.rand(b, generator=generator) < 0.1
     actions = torch.where(dropped[:, None].to(actions.device), torch.full_like(actions, NULL_ACTION), actions)
-    v = net.forward_sequence(x_t, sigma, actions, chunk_frames)
+    out = net.forward_sequence(x_t, sigma, actions, chunk_frames)
+    target = x0 if net.config.prediction == "x0" else noise - x0
     weight = (sigma > 0).float()[:, None, :, None, None]
-    return ((v - (noise - x0)) ** 2 * weight).sum() / (weight.sum() * x0[:, :, 0].numel() / b).clamp_min(1)
+    return ((out - target) ** 2 * weight).sum() / (weight.sum() * x0[:, :, 0].numel() / b).clamp_min(1)
 
 
 def train_world(minutes: float | None = 10.0, steps: int | None = None, batch: int = 16, lr: float = 1e-3, seed: int = 0,

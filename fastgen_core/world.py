@@ -11,7 +11,8 @@ noise) and their keys and values go into the cache: later chunks see exactly wha
 of the clean sequence under the block-causal mask would show them. The cache keeps `sink_frames`
 (the first frames) and a rolling window of the latest `window_frames`, so memory stays flat
 however long the video runs. Host-free: the model is any callable with the
-`model(x, sigma, actions, cache, write_cache)` convention of `networks.CausalWorldDiT`.
+`model(x, sigma, actions, cache, write_cache)` convention of `networks.CausalWorldDiT`, returning
+the clean frames when `model.config.prediction == "x0"`, else the flow velocity.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedu
     weight = next(model.parameters())
     device, dtype = device or weight.device, weight.dtype
     generator = torch.Generator().manual_seed(seed)
+    predicts_x0 = getattr(config, "prediction", "velocity") == "x0"
     if prefix is not None:
         frames, prefix_actions = prefix
         with torch.no_grad():
@@ -145,8 +147,8 @@ def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedu
 
         def denoiser(x, sigma, chunk_actions=chunk_actions):
             sigma = sigma.reshape(-1)[:1].expand(batch)
-            velocity = model(x, sigma[:, None].expand(batch, chunk_frames), chunk_actions, cache)
-            return x - sigma.reshape(-1, 1, 1, 1, 1) * velocity
+            out = model(x, sigma[:, None].expand(batch, chunk_frames), chunk_actions, cache)
+            return out if predicts_x0 else x - sigma.reshape(-1, 1, 1, 1, 1) * out
 
         with torch.no_grad():
             latents = sampling.sample_multistep(denoiser, x, sigmas, noise=sampler, generator=generator)

@@ -15,22 +15,22 @@ from .adapters.recipes import with_source
 EMBEDDED_PREFIX = "embedded/"
 
 
-def embedded_models() -> list[str]:
-    """Shipped diffusion networks (the classifier is an asset too, but not a MODEL)."""
+def embedded_models(arch: str = "DigitDiT") -> list[str]:
+    """Shipped networks of one architecture (the classifier is an asset too, but not a MODEL)."""
     names = []
     for name in sorted(os.listdir(ASSETS)):
-        if name.endswith(".safetensors") and _arch(os.path.join(ASSETS, name)) == "DigitDiT":
+        if name.endswith(".safetensors") and _arch(os.path.join(ASSETS, name)) == arch:
             names.append(EMBEDDED_PREFIX + name)
     return names
 
 
-def user_models() -> list[str]:
-    """FastGen files in the host's diffusion_models folders (other models there are left out)."""
+def user_models(arch: str = "DigitDiT") -> list[str]:
+    """FastGen files of one architecture in the host's diffusion_models folders (others left out)."""
     names = []
     for name in folder_paths.get_filename_list("diffusion_models"):
         if name.endswith(".safetensors"):
             path = folder_paths.get_full_path("diffusion_models", name)
-            if path and _arch(path) == "DigitDiT":
+            if path and _arch(path) == arch:
                 names.append(name)
     return names
 

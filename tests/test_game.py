@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastgen_core import data
+from fastgen_core import eval as eval_module
 
 
 def test_same_seed_same_world_and_frames():
@@ -44,3 +45,11 @@ def test_world_has_structure_and_bad_actions_are_refused():
     assert frames.std() > 0.2
     with pytest.raises(ValueError, match="game action 9"):
         data.Game(0).step(9)
+
+
+def test_shift_estimator_reads_the_action_off_consecutive_frames():
+    frames, actions = data.game_episode(123, 40)
+    shifts = [eval_module.estimate_shift(frames[t - 1], frames[t]) for t in range(1, 40)]
+    assert shifts == [data.view_shift(a) for a in actions[1:].tolist()]
+    assert {data.view_shift(a) for a in range(len(data.GAME_ACTIONS))} == {(0, 0), (0, 2), (0, -2), (2, 0), (-2, 0)}
+    assert eval_module.estimate_shift(frames[5], frames[5]) == (0, 0)

@@ -131,3 +131,47 @@ def test_prefix_frames_go_into_the_cache_before_generation():
     assert [float(w[1].abs().max()) for w in spy.writes[:2]] == [0.0, 0.0] and len(spy.writes) == 3
     assert torch.equal(spy.writes[0][0], x[:, :, :2]) and chunks[0].first_frame == 4
     assert torch.equal(spy.calls[0][2], actions[:, 4:6]), "generation continues with the actions after the prefix"
+
+
+class Constant(torch.nn.Module):
+    """Outputs the same tensor whatever it is given: x0-prediction must return it as the final
+    frames, velocity prediction must turn it into x - sigma * v."""
+
+    def __init__(self, prediction):
+        super().__init__()
+        self.config = CausalWorldDiTConfig(frame_size=16, patch_size=4, dim=32, depth=1, heads=2, prediction=prediction)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.value = torch.full((1, 3, 2, 16, 16), 0.25)
+
+    def forward(self, x, sigma, actions, cache=None, write_cache=False):
+        return self.value.expand(x.shape[0], -1, x.shape[2], -1, -1)
+
+
+def test_the_loop_reads_the_output_as_the_config_says():
+    schedule = world.ChunkSchedule.few_step(1)  # one step from sigma 1: the final frames are the first x0
+    run = lambda model: next(world.rollout(model, world.KVCache(), chunks=1, chunk_frames=2, schedule=schedule, device="cpu"))
+    assert torch.allclose(run(Constant("x0")).latents, torch.tensor(0.25))
+    velocity = Constant("velocity")
+    noise = torch.randn((1, 3, 2, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(run(velocity).latents, noise - 0.25, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction must be"):
+        CausalWorldDiT(CausalWorldDiTConfig(prediction="eps"))
+
+
+def test_world_training_runs_and_its_loss_ignores_the_clean_frames():
+    from fastgen_core import train
+
+    config = CausalWorldDiTConfig(dim=32, depth=1, heads=2)
+    x0 = torch.rand(2, 3, 8, 64, 64) * 2 - 1
+    actions = torch.zeros(2, 8, dtype=torch.long)
+
+    class Oracle(torch.nn.Module):  # predicts the clean frames exactly: no loss whatever the noise
+        config = CausalWorldDiTConfig(prediction="x0")
+
+        def forward_sequence(self, x, sigma, actions, chunk_frames):
+            return x0
+
+    assert train.world_loss(Oracle(), x0, actions, 4, torch.Generator().manual_seed(0)).item() == 0.0
+    net = train.train_world(minutes=None, steps=3, batch=2, config=config, episodes=2, episode_frames=16, clip_frames=8,
+                            log=lambda *_: None)
+    assert isinstance(net, CausalWorldDiT) and not net.training
