@@ -52,22 +52,28 @@ def generate(net, recipe, frames, actions, window, sink, seed=0):
     return torch.cat(out, 2)
 
 
+def to_psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR of a mean squared error in model space (range 2). Averages are taken over errors, not
+    over PSNRs: a standing player makes frames equal to the frozen one, an infinite PSNR."""
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
 def per_frame(generated, truth, actions, real_frames):
-    """PSNR against the truth, frozen-baseline PSNR (the last real frame held), motion agreement
-    (0/1) and contrast, per frame."""
+    """Squared error against the truth, the frozen baseline's (the last real frame held), motion
+    agreement (0/1) and contrast, per frame."""
     last_real = truth[0, :, real_frames - 1]
-    psnr, frozen, agree, contrast = [], [], [], []
+    error, frozen, agree, contrast = [], [], [], []
     for t in range(truth.shape[2]):
         g, r = generated[0, :, t], truth[0, :, t]
-        psnr.append(eval_module.psnr(g[None], r[None]))
+        error.append(float(((g - r) ** 2).mean()))
         contrast.append(float(g.std()))
-        frozen.append(eval_module.psnr(last_real[None], r[None]))
+        frozen.append(float(((last_real - r) ** 2).mean()))
         if t == 0:
             agree.append(1.0)
             continue
         expected = data.view_shift(int(actions[0, t]))
         agree.append(float(eval_module.estimate_shift(generated[0, :, t - 1], g) == expected))
-    return torch.tensor(psnr), torch.tensor(frozen), torch.tensor(agree), torch.tensor(contrast)
+    return torch.tensor(error), torch.tensor(frozen), torch.tensor(agree), torch.tensor(contrast)
 
 
 def main(argv=None):
@@ -95,16 +101,18 @@ def main(argv=None):
         truth, actions = truth.transpose(0, 1)[None], actions[None]
         generated = generate(net, recipe, truth, actions, args.window, args.sink, seed=episode)
         rows.append(per_frame(generated, truth, actions, chunk))
-    psnr, frozen, agree, _ = (torch.stack(r)[:, chunk:].mean(0) for r in zip(*rows))
+    mse, frozen_mse, agree, _ = (torch.stack(r)[:, chunk:].mean(0) for r in zip(*rows))
+    psnr, frozen = to_psnr(mse), to_psnr(frozen_mse)
     taken = torch.stack([data.game_episode(HELD_OUT_SEED + e, frames_needed)[1] for e in range(args.episodes)])[:, chunk:]
     still = torch.tensor([data.view_shift(a) == (0, 0) for a in taken.flatten().tolist()]).float().mean()
     print(f"action following, {args.episodes} held-out worlds, frames {chunk}..{frames_needed - 1}: "
-          f"PSNR {psnr.mean():.2f} dB (frozen last frame {frozen.mean():.2f} dB), "
+          f"PSNR {to_psnr(mse.mean()):.2f} dB (frozen last frame {to_psnr(frozen_mse.mean()):.2f} dB), "
           f"motion agreement {agree.mean() * 100:.1f}% (a frozen picture scores {still * 100:.0f}%: the share of "
           f"actions that do not move the view)")
     generated_count = frames_needed - chunk
     for upto in sorted({u for u in (8, 16, 32, 64) if u < generated_count} | {generated_count}):
-        print(f"  first {upto:3d} generated frames: PSNR {psnr[:upto].mean():.2f} dB, frozen {frozen[:upto].mean():.2f} dB")
+        print(f"  first {upto:3d} generated frames: PSNR {to_psnr(mse[:upto].mean()):.2f} dB, "
+              f"frozen {to_psnr(frozen_mse[:upto].mean()):.2f} dB")
     charts = [images.line_chart({"model": psnr.tolist(), "frozen": frozen.tolist()}, shared=True)]
 
     if args.long:
@@ -114,7 +122,7 @@ def main(argv=None):
         start = time.perf_counter()
         generated = generate(net, recipe, truth, actions, args.window, args.sink, seed=999)
         seconds = time.perf_counter() - start
-        l_psnr, _, l_agree, contrast = per_frame(generated, truth, actions, chunk)
+        l_mse, _, l_agree, contrast = per_frame(generated, truth, actions, chunk)
         true_contrast = truth[0].transpose(0, 1).flatten(1).std(1)
         print(f"long horizon: {long_frames} frames in {seconds:.1f} s ({(long_frames - chunk) / seconds:.1f} FPS), "
               f"window {args.window} + sink {args.sink}")
@@ -122,7 +130,7 @@ def main(argv=None):
             hi = lo + long_frames // 5
             print(f"  frames {lo:4d}..{hi - 1:4d}: motion agreement {l_agree[lo:hi].mean() * 100:5.1f}%, "
                   f"contrast {contrast[lo:hi].mean():.3f} (true {true_contrast[lo:hi].mean():.3f}), "
-                  f"PSNR {l_psnr[max(lo, chunk):hi].mean():.2f} dB")
+                  f"PSNR {to_psnr(l_mse[max(lo, chunk):hi].mean()):.2f} dB")
         smooth = torch.nn.functional.avg_pool1d(l_agree[None, None], 25, 1).flatten()
         charts.append(images.line_chart({"motion agreement (25-frame mean)": smooth.tolist(),
                                          "contrast": (contrast / true_contrast.mean()).clamp(0, 2).tolist()}, shared=True))

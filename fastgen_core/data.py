@@ -97,15 +97,19 @@ def view_shift(action: int) -> tuple[int, int]:
 
 
 def game_world(seed: int) -> torch.Tensor:
-    """The world map [3, GAME_WORLD, GAME_WORLD] in 0..1 for a seed: grass with a 16-pixel tile
-    shading, ponds, paths and trees, so every view has structure the agent's motion shifts."""
+    """The world map [3, GAME_WORLD, GAME_WORLD] in 0..1 for a seed: grass in 16-pixel tiles of two
+    shades with a 4-pixel mottle, ponds, paths, trees and flowers. Texture everywhere matters: on
+    flat grass a moving view looks like a still one, and a world model learns to ignore the keys."""
     gen = torch.Generator().manual_seed(seed)
     n = GAME_WORLD
     ys, xs = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
     world = torch.empty(3, n, n)
-    world[0], world[1], world[2] = 0.30, 0.62, 0.25  # grass
-    checker = (((xs // 16) + (ys // 16)) % 2) * 0.06
-    world[1] += checker
+    world[0], world[1], world[2] = 0.30, 0.58, 0.25  # grass
+    checker = (((xs // 16) + (ys // 16)) % 2) * 0.14
+    mottle = torch.rand(n // 4, n // 4, generator=gen).repeat_interleave(4, 0).repeat_interleave(4, 1) * 0.10
+    world[0] += mottle * 0.5
+    world[1] += checker + mottle
+    world[2] += mottle * 0.5
 
     def torus_distance(cx, cy):
         dx = torch.minimum((xs - cx).abs(), n - (xs - cx).abs())
@@ -124,12 +128,16 @@ def game_world(seed: int) -> torch.Tensor:
         else:
             band = ((xs - torch.randint(0, n, (1,), generator=gen)) % n) < 6
         world[:, band] = torch.tensor([0.80, 0.70, 0.45])[:, None]
-    for _ in range(40):  # trees: a dark crown with a lighter centre
+    for _ in range(90):  # trees: a dark crown with a lighter centre
         cx, cy = torch.randint(0, n, (2,), generator=gen).float()
         dx, dy = torus_distance(cx, cy)
         r2 = dx**2 + dy**2
         world[:, r2 <= 25] = torch.tensor([0.05, 0.30, 0.08])[:, None]
         world[:, r2 <= 4] = torch.tensor([0.20, 0.45, 0.15])[:, None]
+    colours = torch.tensor([[0.95, 0.90, 0.20], [0.95, 0.95, 0.95], [0.85, 0.30, 0.70]])
+    for _ in range(400):  # flowers: 2x2 dots, the finest detail a move has to carry along
+        x, y = torch.randint(0, n - 2, (2,), generator=gen).tolist()
+        world[:, y:y + 2, x:x + 2] = colours[int(torch.randint(0, 3, (1,), generator=gen))][:, None, None]
     return world.clamp(0, 1)
 
 

@@ -174,11 +174,37 @@ def world_loss(net, x0, actions, chunk_frames: int, generator=None):
     return ((out - target) ** 2 * weight).sum() / (weight.sum() * x0[:, :, 0].numel() / b).clamp_min(1)
 
 
+@torch.no_grad()
+def world_probe(net, worlds: int = 6, chunk_frames: int = 4, seed: int = 1_000_000) -> str:
+    """Does the model move the view the way the action says? For held-out worlds: a real first
+    chunk as clean context, then one x0 guess (from pure noise) of the next chunk under each move
+    action; the share of frame-to-frame shifts that match the action (phase correlation)."""
+    device = next(net.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    agree = total = 0
+    for world_seed in range(seed, seed + worlds):
+        frames, actions = data.game_episode(world_seed, chunk_frames)
+        context = frames.transpose(0, 1)[None]
+        for action in (1, 2, 3, 4):
+            x = torch.cat([context, torch.randn(context.shape, generator=gen)], 2).to(device)
+            sigma = torch.cat([torch.zeros(1, chunk_frames), torch.ones(1, chunk_frames)], 1).to(device)
+            acts = torch.cat([actions[None], torch.full((1, chunk_frames), action)], 1).to(device)
+            out = net.forward_sequence(x, sigma, acts, chunk_frames)
+            out = out if net.config.prediction == "x0" else x - sigma[:, None, :, None, None] * out
+            seq = out[0, :, chunk_frames - 1:].float().cpu()
+            seq[:, 0] = context[0, :, -1]
+            for i in range(chunk_frames):
+                agree += metrics.estimate_shift(seq[:, i], seq[:, i + 1]) == data.view_shift(action)
+                total += 1
+    return f"motion agreement {agree / total * 100:.0f}% ({total} frames, 4 move actions)"
+
+
 def train_world(minutes: float | None = 10.0, steps: int | None = None, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                 config: networks.CausalWorldDiTConfig = networks.CausalWorldDiTConfig(), chunk_frames: int = 4,
                 clip_frames: int = 16, episodes: int = 256, episode_frames: int = 64, ema_decay: float = 0.999,
-                warmup: int = 200, device: str = "cpu", log=print) -> networks.CausalWorldDiT:
-    """The embedded world model: the causal DiT on game clips (diffusion forcing + teacher forcing)."""
+                warmup: int = 200, device: str = "cpu", log=print, probe=None, probe_every: int = 500) -> networks.CausalWorldDiT:
+    """The embedded world model: the causal DiT on game clips (diffusion forcing + teacher forcing).
+    `probe(ema_model) -> str`, if given, is logged every `probe_every` steps (e.g. action following)."""
     if (minutes is None) == (steps is None):
         raise ValueError("give exactly one of minutes or steps")
     torch.manual_seed(seed)
@@ -209,6 +235,8 @@ def train_world(minutes: float | None = 10.0, steps: int | None = None, batch: i
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
         if step % 100 == 0:
             log(f"world step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f}s")
+        if probe is not None and step % probe_every == 0 and step:
+            log(f"world step {step:5d}  probe: {probe(ema.eval())}")
         step += 1
     log(f"world model trained: {step} steps of {batch} clips of {clip_frames} frames in {time.time() - start:.0f}s")
     return ema.eval().cpu()
@@ -255,7 +283,8 @@ def main(argv=None):
 
     if args.what == "world":
         config = networks.CausalWorldDiTConfig(dim=args.dim, depth=args.depth, heads=max(2, args.dim // 32))
-        net = train_world(args.minutes, batch=args.batch, lr=args.lr, seed=args.seed, config=config, device=args.device)
+        net = train_world(args.minutes, batch=args.batch, lr=args.lr, seed=args.seed, config=config, device=args.device,
+                          probe=world_probe)
         checkpoint.save_network(args.out, net, world_recipe())
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
         return

@@ -7,9 +7,10 @@ from .loaders import FastGenLoadModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
 from .world import FastGenCausalVideoSampler
+from .world_session import FastGenWorldSession
 
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
-    FastGenCausalVideoSampler, FastGenHubDownload,
+    FastGenCausalVideoSampler, FastGenHubDownload, FastGenWorldSession,
 ]

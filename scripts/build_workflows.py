@@ -229,6 +229,17 @@ def causal_video() -> Graph:
     return g
 
 
+def world_model_play() -> Graph:
+    """The embedded game world model, live: Queue, click the canvas on the node, steer with WASD /
+    arrows, Space to jump. The start view (the renderer's first frames) is previewed beside it."""
+    g = Graph()
+    session = g.node("FastGenWorldSession", ["embedded/game_world_model.safetensors", 1000, 0, 12, 4, 30.0, 120, 0],
+                     outputs=[("start_view", "IMAGE")], pos=(40, 60), size=(320, 620))
+    preview = g.node("PreviewImage", inputs=[("images", "IMAGE")], pos=(400, 60), size=(260, 300))
+    g.link(session, 0, preview, "images")
+    return g
+
+
 WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
@@ -236,6 +247,7 @@ WORKFLOW_BUILDERS = {
     "distill_dmd_lora.json": distill_dmd_lora,
     "wan_step_distill_lora.json": wan_step_distill_lora,
     "causal_video.json": causal_video,
+    "world_model_play.json": world_model_play,
 }
 
 if __name__ == "__main__":

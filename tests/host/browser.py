@@ -100,12 +100,35 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+PAGE_ERROR_HOOK = """
+window.__fastgenErrors = [];
+window.addEventListener('error', e => window.__fastgenErrors.push(String(e.error?.stack || e.message)));
+window.addEventListener('unhandledrejection', e => window.__fastgenErrors.push(String(e.reason?.stack || e.reason)));
+const __consoleError = console.error;
+console.error = (...args) => {
+  window.__fastgenErrors.push(args.map(a => String(a?.stack || a)).join(' '));
+  __consoleError(...args);
+};
+"""
+
+
+async def page_errors(browser: Browser) -> list[str]:
+    """Errors the page reported since it loaded (uncaught exceptions, rejections, console.error)."""
+    return await browser.evaluate("window.__fastgenErrors || []")
+
+
 async def load_workflow_in_page(browser: Browser, comfy_url: str, workflow: dict):
     """Open the ComfyUI page and load a UI-format workflow as drag-and-drop does (app.loadGraphData).
     Returns the node types the page could not resolve (shown as missing nodes)."""
     await browser.send("Page.enable")
+    # collect the page's uncaught errors and console.error calls from the first script on
+    await browser.send("Page.addScriptToEvaluateOnNewDocument", source=PAGE_ERROR_HOOK)
     await browser.send("Page.navigate", url=comfy_url)
     await browser.wait_for("window.app && window.app.graph && document.querySelector('canvas') !== null", timeout=90)
+    # The frontend of v0.3.64 throws one TypeError of its own while registering its settings
+    # (Comfy.Canvas.NavigationMode's onChange sets settings not registered yet): from start-up,
+    # keep only errors raised in extensions' code; from here on, keep every error.
+    await browser.evaluate("window.__fastgenErrors = (window.__fastgenErrors || []).filter(e => e.includes('/extensions/'))")
     await browser.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}).then(() => true)")
     await asyncio.sleep(1.0)
     return await browser.evaluate(

@@ -34,7 +34,25 @@ def host_files(tmp_path_factory):
     for kind, paths in student_files(folder).items():
         files.setdefault(kind, []).extend(paths)
     files["vae"] = wan_vae_file(folder)
+    files["diffusion_models"].append(world_model_file(folder))
     return files
+
+
+def world_model_file(folder):
+    """A tiny random game world model (64x64 frames, 1 block): the World Session runs it fast."""
+    from fastgen_core import checkpoint, networks, train
+
+    import torch
+
+    config = networks.CausalWorldDiTConfig(dim=32, depth=1, heads=2)
+    net = networks.CausalWorldDiT(config).init_weights(3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # adaLN-Zero's zeroed output would draw the same grey frame whatever happens
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    path = str(folder / "tiny_world.safetensors")
+    checkpoint.save_network(path, net, train.world_recipe(steps=2))
+    return path
 
 
 def wan_vae_file(folder):

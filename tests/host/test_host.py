@@ -61,7 +61,7 @@ def test_workflow_converts_and_runs(comfy, object_info, path):
 def test_workflow_loads_in_the_real_page_without_missing_nodes(comfy, path):
     import asyncio
 
-    from browser import Browser, find_chromium, load_workflow_in_page
+    from browser import Browser, find_chromium, load_workflow_in_page, page_errors
 
     if find_chromium() is None:
         pytest.skip("no Chromium for the page test (apt-get install chromium)")
@@ -73,12 +73,13 @@ def test_workflow_loads_in_the_real_page_without_missing_nodes(comfy, path):
         try:
             missing = await load_workflow_in_page(browser, comfy.url, workflow)
             count = await browser.evaluate("window.app.graph._nodes.length")
-            return missing, count
+            return missing, count, await page_errors(browser)
         finally:
             await browser.close()
 
-    missing, count = asyncio.run(check())
+    missing, count, errors = asyncio.run(check())
     assert missing == [] and count == len(workflow["nodes"])
+    assert errors == [], f"the page reported errors loading {os.path.basename(path)}: {errors}"
 
 
 def test_teacher_workflow_draws_the_requested_digits(comfy, object_info):

@@ -1,0 +1,237 @@
+"""FastGen World Session (#8) in the real host: queued from a client with an open websocket, frames
+stream to that client only; actions, reset and stop go through the pack's routes; bad input and
+floods get 4xx answers while the loop keeps running."""
+
+import asyncio
+import base64
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+
+def session_prompt(model="tiny_world.safetensors", **settings):
+    inputs = dict(model_name=model, world_seed=7, steps=0, window_frames=8, sink_frames=4, max_fps=60.0,
+                  idle_seconds=60, seed=0)
+    inputs.update(settings)
+    return {"1": {"class_type": "FastGenWorldSession", "inputs": inputs},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
+def decode(png_b64):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
+class Page:
+    """A client as ComfyUI's page is one: a websocket under a client id, collecting events."""
+
+    def __init__(self, comfy):
+        self.comfy, self.client_id, self.events = comfy, uuid.uuid4().hex, []
+
+    async def __aenter__(self):
+        import aiohttp
+
+        self.http = aiohttp.ClientSession()
+        self.ws = await self.http.ws_connect(f"{self.comfy.url}/ws?clientId={self.client_id}")
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self):
+        import aiohttp
+
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.events.append(json.loads(msg.data))
+
+    async def __aexit__(self, *exc):
+        self.reader.cancel()
+        await self.ws.close()
+        await self.http.close()
+
+    async def queue(self, prompt):
+        mark = len(self.events)
+        async with self.http.post(f"{self.comfy.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}) as r:
+            assert r.status == 200, await r.text()
+        return await self.wait_for(lambda e: e["type"] == "executed" and "fastgen_world" in (e["data"].get("output") or {}),
+                                   after=mark)
+
+    async def wait_for(self, match, timeout=60.0, after=0):
+        for _ in range(int(timeout / 0.05)):
+            found = [e for e in self.events[after:] if match(e)]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no matching event in {timeout} s; got {[e['type'] for e in self.events][-20:]}")
+
+    def frames(self, session):
+        return [e["data"] for e in self.events if e["type"] == "fastgen.world.frames" and e["data"]["session"] == session]
+
+    async def post(self, route, body):
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        async with self.http.post(f"{self.comfy.url}{route}", data=data, headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.text()
+
+
+def test_session_streams_to_its_page_and_obeys_the_routes(comfy):
+    async def play():
+        async with Page(comfy) as page, Page(comfy) as other:
+            info = (await page.queue(session_prompt()))["data"]["output"]["fastgen_world"][0]
+            token = info["session"]
+            assert info["actions"] == ["none", "up", "down", "left", "right", "jump"] and info["steps"] == 2
+            await page.wait_for(lambda e: e["type"] == "fastgen.world.frames" and e["data"]["first"] >= 8)
+            first = page.frames(token)[0]
+            assert first["first"] == 0 and decode(first["frames"][0]).shape == (64, 64, 3)
+            assert [f["first"] for f in page.frames(token)][:3] == [0, 4, 8], "chunks in order after the start view"
+
+            assert (await page.post("/fastgen/world/action", {"session": token, "action": "left"}))[0] == 200
+            status = json.loads((await page.post("/fastgen/world/action", {"session": token, "action": "jump"}))[1])["status"]
+            assert status["running"] and status["action"] == "left"
+            bad = [await page.post("/fastgen/world/action", body) for body in (
+                {"session": token, "action": "fly"}, {"session": token}, "{not json", "[1, 2]", {"session": token, "action": "x" * 2000})]
+            assert [code for code, _ in bad] == [400, 400, 400, 400, 413], bad
+            assert "unknown action 'fly'" in bad[0][1]
+            assert (await page.post("/fastgen/world/action", {"session": "guess", "action": "left"}))[0] == 404
+
+            codes = [(await page.post("/fastgen/world/action", {"session": token, "action": "up"}))[0] for _ in range(200)]
+            assert 429 in codes and codes[0] == 200, "a flood is refused"
+            count = len(page.frames(token))
+            await page.wait_for(lambda e: e["type"] == "fastgen.world.frames", after=len(page.events))
+            assert len(page.frames(token)) > count, "the loop keeps running through bad input and floods"
+
+            assert (await page.post("/fastgen/world/reset", {"session": token}))[0] in (200, 429)
+            await asyncio.sleep(0.6)  # the rate limiter refills
+            assert (await page.post("/fastgen/world/reset", {"session": token}))[0] == 200
+            mark = len(page.events)
+            await page.wait_for(lambda e: e["type"] == "fastgen.world.frames" and e["data"]["first"] == 0, after=mark)
+
+            assert (await page.post("/fastgen/world/stop", {"session": token}))[0] == 200
+            stopped = await page.wait_for(lambda e: e["type"] == "fastgen.world.stopped")
+            assert stopped["data"]["status"]["stopped"] == "stopped from the page"
+            assert (await page.post("/fastgen/world/action", {"session": token, "action": "left"}))[0] == 404
+            assert not [e for e in other.events if e["type"].startswith("fastgen.world")], "frames leaked to another page"
+
+    asyncio.run(play())
+
+
+def test_queuing_again_replaces_the_pages_session_and_the_same_actions_give_the_same_frames(comfy):
+    async def run_once(page, actions):
+        info = (await page.queue(session_prompt(seed=5)))["data"]["output"]["fastgen_world"][0]
+        token = info["session"]
+        for action in actions:
+            await page.post("/fastgen/world/action", {"session": token, "action": action})
+        await page.wait_for(lambda e: e["type"] == "fastgen.world.frames" and e["data"]["session"] == token
+                            and e["data"]["first"] >= 12)
+        return token
+
+    async def play():
+        async with Page(comfy) as page:
+            first = await run_once(page, [])
+            second = await run_once(page, [])
+            assert first != second
+            await page.wait_for(lambda e: e["type"] == "fastgen.world.stopped" and e["data"]["session"] == first)
+            a = [decode(f) for d in page.frames(first)[:3] for f in d["frames"]]
+            b = [decode(f) for d in page.frames(second)[:3] for f in d["frames"]]
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), "same settings, same actions: same frames"
+            await page.post("/fastgen/world/stop", {"session": second})
+
+    asyncio.run(play())
+
+
+def test_without_a_page_the_node_says_so(comfy):
+    status, body = comfy.post("/prompt", {"prompt": session_prompt()})
+    assert status == 200
+    import time
+
+    for _ in range(200):
+        history = comfy.get(f"/history/{body['prompt_id']}")
+        if body["prompt_id"] in history:
+            break
+        time.sleep(0.1)
+    messages = json.dumps(history[body["prompt_id"]]["status"])
+    assert "queue it from ComfyUI's page" in messages
+
+
+def artifacts_dir():
+    import os
+
+    path = os.environ.get("FASTGEN_TEST_ARTIFACTS") or os.path.join(os.path.dirname(__file__), "..", "..", "test-artifacts")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+KEY_CODES = {"ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "ArrowDown": 40, "KeyW": 87, "KeyA": 65, "KeyS": 83, "KeyD": 68}
+
+
+async def press(browser, code, seconds):
+    """Hold a key the way a user does (DevTools input events reach the focused canvas)."""
+    key = code.removeprefix("Key").lower() if code.startswith("Key") else code
+    params = dict(code=code, key=key, windowsVirtualKeyCode=KEY_CODES[code], nativeVirtualKeyCode=KEY_CODES[code])
+    await browser.send("Input.dispatchKeyEvent", type="keyDown", **params)
+    await asyncio.sleep(seconds)
+    await browser.send("Input.dispatchKeyEvent", type="keyUp", **params)
+
+
+def test_play_the_shipped_world_model_in_the_real_page(comfy):
+    """The world_model_play workflow in headless Chromium: Queue, click the canvas, hold arrow keys;
+    frames arrive at the canvas and the view moves the way the key says."""
+    import os
+
+    import torch
+    from browser import Browser, find_chromium, load_workflow_in_page, page_errors, queue_from_page
+
+    from fastgen_core import data
+    from fastgen_core.eval import estimate_shift
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium for the page test (apt-get install chromium)")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    with open(os.path.join(root, "workflows", "world_model_play.json")) as f:
+        workflow = json.load(f)
+    node_js = "window.app.graph._nodes.find(n => n.type === 'FastGenWorldSession')"
+
+    async def history(browser):
+        return await browser.evaluate(f"{node_js}.fastgenWorld.history.map(f => [f.index, f.png])")
+
+    async def moves_while_holding(browser, code):
+        before = max(i for i, _ in await history(browser))
+        await press(browser, code, 2.5)
+        frames = [(i, png) for i, png in await history(browser) if i > before + 8]  # the key reaches the next chunk
+        pictures = [torch.tensor(decode(png)).permute(2, 0, 1).float() / 127.5 - 1 for _, png in frames]
+        return [estimate_shift(a, b) for a, b in zip(pictures, pictures[1:])]
+
+    async def play():
+        browser = await Browser(width=1200, height=900).session()
+        try:
+            assert await load_workflow_in_page(browser, comfy.url, workflow) == []
+            await queue_from_page(browser, comfy)
+            await browser.wait_for(f"{node_js}.fastgenWorld.session && {node_js}.fastgenWorld.framesDrawn > 12", timeout=60)
+            # click the canvas where it is on screen, as a user does, so it takes the keyboard
+            await browser.evaluate("window.app.extensionManager.command.execute('Comfy.Canvas.FitView').then(() => true)")
+            await asyncio.sleep(0.5)
+            box = await browser.evaluate(f"(() => {{ const r = {node_js}.fastgenWorld.canvas.getBoundingClientRect(); "
+                                         "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+            for kind in ("mousePressed", "mouseReleased"):
+                await browser.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+            assert await browser.evaluate(f"document.activeElement === {node_js}.fastgenWorld.canvas"), "the canvas took no focus"
+            left = await moves_while_holding(browser, "ArrowLeft")
+            up = await moves_while_holding(browser, "KeyW")
+            await browser.screenshot(os.path.join(artifacts_dir(), "world_model_play.png"))
+            fps = await browser.evaluate(f"{node_js}.fastgenWorld.fps")
+            errors = await page_errors(browser)
+            await browser.evaluate(f"{node_js}.fastgenWorld.send('stop').then(() => true)")
+            return left, up, fps, errors
+        finally:
+            await browser.close()
+
+    left, up, fps, errors = asyncio.run(play())
+    assert errors == [], errors
+    assert len(left) >= 10 and len(up) >= 10, (left, up)
+    expected_left, expected_up = data.view_shift(data.GAME_ACTIONS.index("left")), data.view_shift(data.GAME_ACTIONS.index("up"))
+    share_left = sum(s == expected_left for s in left) / len(left)
+    share_up = sum(s == expected_up for s in up) / len(up)
+    assert share_left >= 0.6 and share_up >= 0.6, f"left: {left}\nup: {up}"
+    assert fps > 5, f"the canvas drew {fps} frames in the last second"
