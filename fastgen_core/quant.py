@@ -49,6 +49,7 @@ from torch import nn
 
 QUANT_KEY = "fastgen.quant"  # safetensors metadata of a saved quantized model
 STATE_PREFIX = "fastgen_quant."  # tensors of the modelopt quantizer state in a saved file
+RANGE_PREFIX = "fastgen_quant_weight_range."  # each quantized weight's amax when it was saved
 FORMAT_VERSION = 1
 MODELOPT_HELP = "pip install nvidia-modelopt (needs torch >= 2.8 and requests)"
 
@@ -369,6 +370,36 @@ class LayerQuantizers:
 
         return json.dumps(mto.modelopt_state(self.root), default=str)
 
+    @torch.no_grad()
+    def quantized_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(modelopt's fake-quantized weight of a layer, the weight range it used). The weight is
+        in the space of its pre-quant scale if SmoothQuant / AWQ gave it one."""
+        from modelopt.torch.quantization.model_calib import max_calibrate
+
+        quantizer = self.shadows[name].weight_quantizer
+        max_calibrate(quantizer, lambda q: q(weight), distributed_sync=False)
+        try:
+            return quantizer(weight), quantizer.amax.detach().clone()
+        finally:
+            del quantizer._amax
+
+    @torch.no_grad()
+    def snap_loaded_weights(self, model: nn.Module, ranges: dict[str, torch.Tensor]):
+        """Re-quantize weights decompressed from a file with the ranges they were saved with, so
+        they are bit-identical to the saved model's quantized weights (decompression can be one
+        float ulp off, which moves fp8 / int8 rounding of the activations downstream)."""
+        for name, amax in ranges.items():
+            module, quantizer = model.get_submodule(name), self.shadows[name].weight_quantizer
+            quantizer.amax = amax.to(module.weight.device)
+            try:
+                snapped = quantizer(module.weight.detach())
+            finally:
+                del quantizer._amax
+            pre_quant_scale = _weight_pre_quant_scale(self.shadows[name])
+            if pre_quant_scale is not None:
+                snapped = snapped / pre_quant_scale.to(snapped)
+            module.weight.copy_(snapped.to(module.weight.dtype))
+
     def _restore_base_weights(self):
         for name, shadow in self.shadows.items():
             for key, value in self._base[name].items():
@@ -383,7 +414,7 @@ class LayerQuantizers:
         `weight_key` identifies this weight's version (None: not cacheable, e.g. low-VRAM patches
         computed per call): the real paths quantize a weight once per version."""
         shadow = self.shadows[name]
-        if self.path in ("fp8", "int8") and x.is_cuda and _gemm_shapes_ok(x, weight, self.path):
+        if self.path in ("fp8", "int8") and _gemm_shapes_ok(x, weight, self.path):
             return self._real_linear(name, shadow, x, weight, bias, weight_key)
         shadow._parameters["weight"] = weight
         shadow._parameters["bias"] = bias
@@ -604,8 +635,10 @@ def save_quantized(path: str, state_dict: dict[str, torch.Tensor], bank: LayerQu
             raise ValueError(f"the state dict has no {key}: it does not belong to the quantized model")
         weight = tensors.pop(key)
         info["weights"][name] = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
-        for suffix, value in compress_for_file(weight, bank.format).items():
+        quantized, weight_range = bank.quantized_weight(name, weight)
+        for suffix, value in compress_for_file(quantized, bank.format).items():
             tensors[f"{prefix}{name}.{suffix}"] = value
+        tensors[f"{RANGE_PREFIX}{name}"] = weight_range.float().cpu().contiguous()
     for key, value in bank.state_tensors().items():
         tensors[STATE_PREFIX + key] = value
     meta = dict(metadata or {})
@@ -641,11 +674,16 @@ def load_quantized(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, 
     tensors = load_file(path)
     fmt, prefix = get_format(info["format"]), info.get("prefix", "")
     state = {k[len(STATE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATE_PREFIX)}
+    info["weight_ranges"] = {k[len(RANGE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(RANGE_PREFIX)}
     for name, spec in info["weights"].items():
         stored = {s: tensors.pop(f"{prefix}{name}.{s}") for s in ("weight", "weight_scale") if f"{prefix}{name}.{s}" in tensors}
         if "weight" not in stored:
             raise ValueError(f"{path}: the quantized weight of {name} is missing")
-        tensors[f"{prefix}{name}.weight"] = decompress_from_file(stored, fmt, spec["shape"], getattr(torch, spec["dtype"]))
+        weight = decompress_from_file(stored, fmt, spec["shape"], torch.float32)
+        pre_quant_scale = state.get(f"{name}.weight_quantizer._pre_quant_scale")
+        if pre_quant_scale is not None:  # stored in the scaled space (see LayerQuantizers.quantized_weight)
+            weight = weight / pre_quant_scale.float()
+        tensors[f"{prefix}{name}.weight"] = weight.to(getattr(torch, spec["dtype"]))
     return tensors, info, state, metadata
 
 
@@ -656,4 +694,5 @@ def restore_quantizers(model: nn.Module, info: dict, state: dict[str, torch.Tens
         raise ValueError(f"the saved quantization names layers this model does not have (e.g. {missing[0]})")
     bank = LayerQuantizers(model, info["format"], info["layers"])
     bank.load_state_tensors(state)
+    bank.snap_loaded_weights(model, info.get("weight_ranges", {}))
     return bank
