@@ -300,6 +300,15 @@ class LayerQuantizers:
         self.path = "fake"
         self._cache: dict[str, tuple] = {}
 
+    def to(self, device) -> LayerQuantizers:
+        """Move the quantizers' state (amax, pre-quant scales) to `device`. Only the quantizers:
+        the shadows' weight tensors are the model's own and stay where the host keeps them."""
+        for shadow in self.shadows.values():
+            for _, quantizer in _quantizers(shadow):
+                quantizer.to(device)
+        self._cache.clear()
+        return self
+
     # -- state
 
     def quantized_count(self) -> int:
@@ -569,7 +578,10 @@ def int8_linear(x, w_int8, w_scale, bias=None, input_amax=None):
     x2 = x.reshape(-1, shape[-1])
     x_scale = _dynamic_scale(x2, input_amax, 127.0)
     x_int8 = INT8QTensor.quantize(x2, scales=x_scale)[0]._quantized_data
-    acc = torch._int_mm(x_int8, w_int8.t())
+    try:
+        acc = torch._int_mm(x_int8, w_int8.t())
+    except RuntimeError:  # a build that wants the second operand row-major
+        acc = torch._int_mm(x_int8, w_int8.t().contiguous())
     out = acc.to(torch.float32) * (x_scale * w_scale.to(acc.device))
     if bias is not None:
         out = out + bias.float()

@@ -220,6 +220,7 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, save_name: str, overwrite: bool) -> io.NodeOutput:
         bank = model.attachments.get(ATTACHMENT_KEY)
+        quant.import_mtq()
         if bank is None:
             raise ValueError("this MODEL is not quantized: connect the output of FastGen Quantize Model")
         path = resolve_save_path(save_name, overwrite)
@@ -275,6 +276,7 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
+        quant.import_mtq()  # the clear "install nvidia-modelopt" error first
         tensors, info, state, metadata = quant.load_quantized(path)
         quant.check_format_runs(quant.get_format(info["format"]), comfy.model_management.get_torch_device())
         model = build_model(tensors, metadata, path)
