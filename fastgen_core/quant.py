@@ -44,7 +44,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 QUANT_KEY = "fastgen.quant"  # safetensors metadata of a saved quantized model
@@ -385,7 +384,11 @@ class LayerQuantizers:
         in the space of its pre-quant scale if SmoothQuant / AWQ gave it one."""
         from modelopt.torch.quantization.model_calib import max_calibrate
 
-        quantizer = self.shadows[name].weight_quantizer
+        shadow = self.shadows[name]
+        quantizer = shadow.weight_quantizer
+        weight = weight.to(_quantizer_device(shadow, weight.device))
+        if quantizer._dynamic:  # nvfp4: blocks scaled on the fly, no range to record
+            return quantizer(weight), None
         max_calibrate(quantizer, lambda q: q(weight), distributed_sync=False)
         try:
             return quantizer(weight), quantizer.amax.detach().clone()
@@ -399,9 +402,10 @@ class LayerQuantizers:
         float ulp off, which moves fp8 / int8 rounding of the activations downstream)."""
         for name, amax in ranges.items():
             module, quantizer = model.get_submodule(name), self.shadows[name].weight_quantizer
-            quantizer.amax = amax.to(module.weight.device)
+            device = _quantizer_device(self.shadows[name], module.weight.device)
+            quantizer.amax = amax.to(device)
             try:
-                snapped = quantizer(module.weight.detach())
+                snapped = quantizer(module.weight.detach().to(device))
             finally:
                 del quantizer._amax
             pre_quant_scale = _weight_pre_quant_scale(self.shadows[name])
@@ -516,6 +520,14 @@ def _gemm_shapes_ok(x, weight, path) -> bool:
     rows = x.numel() // x.shape[-1]
     n, k = weight.shape
     return k % 16 == 0 and n % 16 == 0 and (path != "int8" or rows > 16)
+
+
+def _quantizer_device(shadow, default):
+    """Where a layer's quantizer state lives (its buffers), else `default`."""
+    for _, quantizer in _quantizers(shadow):
+        for buffer in quantizer.buffers():
+            return buffer.device
+    return default
 
 
 def _weight_pre_quant_scale(shadow):
@@ -650,7 +662,8 @@ def save_quantized(path: str, state_dict: dict[str, torch.Tensor], bank: LayerQu
         quantized, weight_range = bank.quantized_weight(name, weight)
         for suffix, value in compress_for_file(quantized, bank.format).items():
             tensors[f"{prefix}{name}.{suffix}"] = value
-        tensors[f"{RANGE_PREFIX}{name}"] = weight_range.float().cpu().contiguous()
+        if weight_range is not None:
+            tensors[f"{RANGE_PREFIX}{name}"] = weight_range.float().cpu().contiguous()
     for key, value in bank.state_tensors().items():
         tensors[STATE_PREFIX + key] = value
     meta = dict(metadata or {})

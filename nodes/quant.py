@@ -28,7 +28,6 @@ import comfy.patcher_extension
 import comfy.sample
 import comfy.sd
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, quant

@@ -223,3 +223,14 @@ def test_calibrated_ranges_survive_save_and_load(tmp_path):
     assert restored.calibrated
     with restored.installed(loaded):
         assert_same_quantized_output(one_call(loaded), expected, "fp8")
+
+
+def test_the_core_imports_without_modelopt_and_says_what_to_install(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, fastgen_core.quant; assert not any(m.startswith('modelopt') for m in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))).returncode == 0
+    monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="pip install nvidia-modelopt"):
+        quant.quantize_model(checkpoint.load_network(TEACHER)[0], "int8")

@@ -148,10 +148,10 @@ def wan_graph(model_nodes: dict, model_link):
     prompt = dict(model_nodes)
     prompt["m"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}}
     prompt["c"] = {"class_type": "FastGenTestConditioning", "inputs": {"seed": 0, "tokens": 8, "width": 4096}}
-    prompt["l"] = WAN_LATENT
-    prompt["k"] = {"class_type": "KSampler", "inputs": {"model": model_link, "positive": ["c", 0], "negative": ["c", 0], "latent_image": ["l", 0],
-                                                        "seed": 5, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                                                        "denoise": 1.0}}
+    prompt["lat"] = WAN_LATENT
+    prompt["k"] = {"class_type": "KSampler", "inputs": {
+        "model": model_link, "positive": ["c", 0], "negative": ["c", 0], "latent_image": ["lat", 0], "seed": 5, "steps": 4, "cfg": 1.0,
+        "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
     prompt["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "latents/quant_wan"}}
     return prompt
 
@@ -161,10 +161,13 @@ def test_quantized_tiny_wan_runs_through_ksampler_and_accepts_a_lora(comfy):
     quantized, entry = run_latent(comfy, wan_graph({"q": quantize(["m", 0], "int8")}, ["q", 0]))
     text = node_text(entry, "q")
     assert "int8 on 20 of" in text, text  # 2 blocks x (self q k v o, cross q k v o, ffn.0, ffn.2)
+    print(f"tiny Wan int8: {relative_error(quantized, plain):.4f} from unquantized")
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, plain) and relative_error(quantized, plain) < 0.05
 
     wan_lora = "tiny_wan_lora_comfy.safetensors"
     with_lora, _ = run_latent(comfy, wan_graph({"l": lora(["m", 0], wan_lora)}, ["l", 0]))
     quantized_lora, _ = run_latent(comfy, wan_graph({"q": quantize(["m", 0], "int8"), "l": lora(["q", 0], wan_lora)}, ["l", 0]))
+    print(f"tiny Wan LoRA after int8: {relative_error(quantized_lora, quantized):.4f} from no LoRA, "
+          f"{relative_error(quantized_lora, with_lora):.4f} from the unquantized LoRA output")
     assert relative_error(quantized_lora, quantized) > 0.05, "the LoRA after the quantize node changed nothing"
     assert relative_error(quantized_lora, with_lora) < 0.05
