@@ -40,6 +40,7 @@ import contextlib
 import copy
 import fnmatch
 import json
+import logging
 import re
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ STATE_PREFIX = "fastgen_quant."  # tensors of the modelopt quantizer state in a 
 RANGE_PREFIX = "fastgen_quant_weight_range."  # each quantized weight's amax when it was saved
 FORMAT_VERSION = 1
 MODELOPT_HELP = "pip install nvidia-modelopt (needs torch >= 2.8 and requests)"
+log = logging.getLogger("fastgen")
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ class LayerQuantizers:
         self._make_weights_dynamic()
         self.calibrated = False
         self.path = "fake"
+        self.fallback = None  # why a real GEMM path fell back to fake-quant, if it did
         self._cache: dict[str, tuple] = {}
 
     def to(self, device) -> LayerQuantizers:
@@ -428,7 +431,12 @@ class LayerQuantizers:
         computed per call): the real paths quantize a weight once per version."""
         shadow = self.shadows[name]
         if self.path in ("fp8", "int8") and _gemm_shapes_ok(x, weight, self.path):
-            return self._real_linear(name, shadow, x, weight, bias, weight_key)
+            try:
+                return self._real_linear(name, shadow, x, weight, bias, weight_key)
+            except RuntimeError as err:  # a torch / driver without this kernel: keep the run going
+                log.warning("FastGen quantize: the %s GEMM failed on %s (%s); running fake-quant from now on",
+                            self.path, name, str(err).splitlines()[0][:200])
+                self.path, self.fallback = "fake", str(err).splitlines()[0][:200]
         shadow._parameters["weight"] = weight
         shadow._parameters["bias"] = bias
         try:

@@ -7,7 +7,7 @@ FastGen Save Quantized Model  the quantized MODEL -> models/diffusion_models/<na
 FastGen Load Quantized Model  that file -> the quantized MODEL, with no recalibration
 
 How it meets the host (the design is in fastgen_core/quant.py): the diffusion model is never
-converted. A DIFFUSION_MODEL wrapper routes the selected Linear layers through modelopt quantizers
+converted. An APPLY_MODEL wrapper routes the selected Linear layers through modelopt quantizers
 held beside the model, for the duration of each forward only, and hands them each layer's weight
 as the host computes it (`comfy.ops.cast_bias_weight`: device / dtype casting and low-VRAM LoRA
 patches included; fully loaded LoRA patches are already baked into the weight). So a LoRA loaded
@@ -43,14 +43,15 @@ FOLDER = "diffusion_models"
 
 
 class QuantizeWrapper:
-    """DIFFUSION_MODEL wrapper: the selected layers run quantized inside each forward."""
+    """APPLY_MODEL wrapper (every host model runs BaseModel.apply_model; not every diffusion model
+    class calls DIFFUSION_MODEL wrappers): the selected layers run quantized inside each call."""
 
     def __init__(self, bank: quant.LayerQuantizers, base_model):
         self.bank = bank
         self.base_model = base_model  # the host BaseModel: its patch uuid versions the weights
 
     def __call__(self, executor, *args, **kwargs):
-        with self.bank.installed(executor.class_obj, weights=self.host_weights):
+        with self.bank.installed(executor.class_obj.diffusion_model, weights=self.host_weights):
             return executor(*args, **kwargs)
 
     def host_weights(self, module, x):
@@ -79,8 +80,8 @@ def attach(model, bank: quant.LayerQuantizers):
     bank.path = path
     bank.to(device)
     patched = model.clone()
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, QuantizeWrapper(bank, model.model))
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, QuantizeWrapper(bank, model.model))
     patched.attachments[ATTACHMENT_KEY] = bank
     return patched, report(model, bank, path, why)
 

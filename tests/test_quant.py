@@ -234,3 +234,20 @@ def test_the_core_imports_without_modelopt_and_says_what_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)  # as if not installed
     with pytest.raises(RuntimeError, match="pip install nvidia-modelopt"):
         quant.quantize_model(checkpoint.load_network(TEACHER)[0], "int8")
+
+
+def test_a_failing_gemm_falls_back_to_fake_quant(monkeypatch):
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, "fp8")
+    with bank.installed(net):
+        fake = one_call(net)
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("_scaled_mm is not supported on this device")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    bank.path = "fp8"
+    with bank.installed(net):
+        out = one_call(net)
+    assert bank.path == "fake" and "not supported" in bank.fallback
+    torch.testing.assert_close(out, fake, rtol=0, atol=0)
