@@ -424,14 +424,17 @@ class LayerQuantizers:
     # -- compute
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               weight_key=None) -> torch.Tensor:
+               weight_key=None, compressed=None) -> torch.Tensor:
         """One selected layer on input x with the host's current weight and bias.
 
         `weight_key` identifies this weight's version (None: not cacheable, e.g. low-VRAM patches
-        computed per call): the real paths quantize a weight once per version."""
+        computed per call): the real paths quantize a weight once per version. `compressed`:
+        (codes, scale) of a layer stored compact (see `compact_layer`), used as they are."""
         shadow = self.shadows[name]
         if self.path in ("fp8", "int8") and _gemm_shapes_ok(x, weight, self.path):
             try:
+                if compressed is not None and compressed[0].dtype == _CODE_DTYPES[self.path]:
+                    return self._gemm(shadow, x, *compressed, bias)
                 return self._real_linear(name, shadow, x, weight, bias, weight_key)
             except RuntimeError as err:  # a torch / driver without this kernel: keep the run going
                 log.warning("FastGen quantize: the %s GEMM failed on %s (%s); running fake-quant from now on",
@@ -458,6 +461,9 @@ class LayerQuantizers:
             if weight_key is not None:
                 self._cache[name] = cached
         _, w_q, w_scale = cached
+        return self._gemm(shadow, x, w_q, w_scale, bias)
+
+    def _gemm(self, shadow, x, w_q, w_scale, bias):
         x = _input_pre_quant(shadow, x)
         input_amax = _static_amax(shadow.input_quantizer)
         if self.path == "fp8":
@@ -493,11 +499,14 @@ class _QuantForward:
 
     def __call__(self, x, *args, **kwargs):
         weight, bias, key = self.weights(self.module, x)
-        return self.bank.linear(self.name, x, weight, bias, key)
+        compressed = compact_codes(self.module, self.bank.path)
+        if compressed is not None and compressed[0].device != x.device:
+            compressed = None
+        return self.bank.linear(self.name, x, weight, bias, key, compressed)
 
 
 def _plain_weights(module: nn.Module, x: torch.Tensor):
-    weight = module.weight.to(x.dtype)
+    weight = dequantized(module, module.weight, x.dtype)
     bias = None if module.bias is None else module.bias.to(x.dtype)
     return weight, bias, (id(module.weight), module.weight._version)
 
@@ -606,6 +615,78 @@ def int8_linear(x, w_int8, w_scale, bias=None, input_amax=None):
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+_CODE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def compact_layers(model: nn.Module, bank: LayerQuantizers) -> list[str]:
+    """`compact_layer` for every layer of `bank`, from its fake-quantized weight (so the codes are
+    modelopt's own rounding). Layers with a SmoothQuant / AWQ scale stay as they are."""
+    done = []
+    for name in bank.layers:
+        module = model.get_submodule(name)
+        if _weight_pre_quant_scale(bank.shadows[name]) is None and bank.format.gemm in _CODE_DTYPES:
+            values, _ = bank.quantized_weight(name, module.weight.detach())
+            compact_layer(module, bank.format, values.to(module.weight.device))
+            done.append(name)
+    bank._cache.clear()
+    return done
+
+
+def compact_layer(module: nn.Linear, fmt: QuantFormat, values: torch.Tensor | None = None) -> bool:
+    """Store a layer's weight compressed in memory (fp8 / int8 codes + float32 scale: half of bf16)
+    for a model this code owns (a loaded quantized file). The layer gets the host's hooks for
+    low-precision weights, `convert_weight` (codes -> values) and `set_weight` (values -> codes
+    with the stored scale), through which the host's LoRA patching reaches it; `dequantized`
+    gives the values for a forward. False for formats with no 8-bit codes (int4, nvfp4)."""
+    if fmt.gemm not in _CODE_DTYPES:
+        return False
+    codes, scale = compress_weight(module.weight.detach() if values is None else values, fmt.gemm)
+    shape = (-1, 1) if fmt.gemm == "int8" else ()
+    module.weight = nn.Parameter(codes, requires_grad=False)
+    module.weight_scale = nn.Parameter(scale.reshape(shape), requires_grad=False)
+    module.compact_format = fmt.gemm
+    module.convert_weight = _convert_weight.__get__(module)
+    module.set_weight = _set_weight.__get__(module)
+    return True
+
+
+def dequantized(module: nn.Module, weight: torch.Tensor, dtype) -> torch.Tensor:
+    """A layer's weight as the host cast it, as values in `dtype`: a compact layer's holds codes."""
+    if getattr(module, "compact_format", None) is None:
+        return weight.to(dtype)
+    return (weight.float() * module.weight_scale.to(weight.device).float()).to(dtype)
+
+
+def compact_codes(module: nn.Module, path: str):
+    """(codes, scale) of a compact layer for the real GEMM of `path`, or None."""
+    if getattr(module, "compact_format", None) != path or getattr(module, "weight_function", None):
+        return None
+    return module.weight, module.weight_scale.reshape(-1)
+
+
+def _convert_weight(self, weight, inplace=False, **kwargs):
+    scale = self.weight_scale.to(weight.device, weight.dtype)
+    return weight.mul_(scale) if inplace else weight * scale
+
+
+def _set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+    from modelopt.torch.quantization.qtensor import FP8QTensor, INT8QTensor
+
+    scale = self.weight_scale.to(weight.device, torch.float32)
+    weight = weight.float()
+    if self.compact_format == "fp8":  # saturate: a LoRA may leave the stored range
+        codes = FP8QTensor.quantize(torch.minimum(torch.maximum(weight, -448.0 * scale), 448.0 * scale), scales=scale)[0]
+    else:
+        codes = INT8QTensor.quantize(weight, scales=scale)[0]
+    codes = codes._quantized_data
+    if return_weight:
+        return codes
+    if inplace_update:
+        self.weight.data.copy_(codes)
+    else:
+        self.weight = nn.Parameter(codes, requires_grad=False)
 
 
 def layer_memory(model: nn.Module, layers: list[str], bits: int) -> tuple[int, int]:

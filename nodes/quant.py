@@ -60,7 +60,8 @@ class QuantizeWrapper:
         if hasattr(module, "comfy_cast_weights"):
             weight, bias = comfy.ops.cast_bias_weight(module, x)
         else:
-            weight, bias = module.weight.to(x), None if module.bias is None else module.bias.to(x)
+            weight, bias = module.weight, None if module.bias is None else module.bias.to(x)
+        weight = quant.dequantized(module, weight, x.dtype)  # a compact layer's are codes
         if getattr(module, "weight_function", None):
             return weight, bias, None
         key = (module.weight.data_ptr(), module.weight.device, x.dtype, getattr(self.base_model, "current_weight_patches_uuid", None))

@@ -251,3 +251,30 @@ def test_a_failing_gemm_falls_back_to_fake_quant(monkeypatch):
         out = one_call(net)
     assert bank.path == "fake" and "not supported" in bank.fallback
     torch.testing.assert_close(out, fake, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
+    """A loaded quantized model can keep its layers as codes (half of bf16) and dequantize them on
+    the fly; the host patches LoRAs into such layers through convert_weight / set_weight."""
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, fmt)
+    with bank.installed(net):
+        expected = one_call(net)
+    fc1 = net.blocks[0].fc1
+    original = fc1.weight.detach().clone()
+    assert quant.compact_layers(net, bank) == bank.layers
+    assert {net.get_submodule(name).weight.dtype for name in bank.layers} == {quant._CODE_DTYPES[fmt]}
+    with bank.installed(net):
+        compact = one_call(net)
+    assert relative_error(compact, expected) < (0.03 if fmt == "fp8" else 1e-3)
+    bank.path = fmt  # what a GPU with the kernel runs: the GEMM straight on the stored codes
+    with bank.installed(net):
+        real = one_call(net)
+    assert relative_error(real, expected) < 0.05 and not bank._cache  # no second copy of the weights
+
+    values = fc1.convert_weight(fc1.weight.float())  # the host: codes -> values, add the patch, set
+    assert relative_error(values, original) < 0.05
+    fc1.set_weight(values * 0.5)
+    assert fc1.weight.dtype == quant._CODE_DTYPES[fmt]
+    assert relative_error(quant.dequantized(fc1, fc1.weight, torch.float32), values * 0.5) < 0.05
