@@ -392,11 +392,14 @@ class LayerQuantizers:
         weight = weight.to(_quantizer_device(shadow, weight.device))
         if quantizer._dynamic:  # nvfp4: blocks scaled on the fly, no range to record
             return quantizer(weight), None
+        kept = quantizer._amax.clone() if hasattr(quantizer, "_amax") else None  # a compact layer's static range
         max_calibrate(quantizer, lambda q: q(weight), distributed_sync=False)
         try:
             return quantizer(weight), quantizer.amax.detach().clone()
         finally:
             del quantizer._amax
+            if kept is not None:
+                quantizer.amax = kept
 
     @torch.no_grad()
     def snap_loaded_weights(self, model: nn.Module, ranges: dict[str, torch.Tensor]):
@@ -620,15 +623,21 @@ def int8_linear(x, w_int8, w_scale, bias=None, input_amax=None):
 _CODE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
-def compact_layers(model: nn.Module, bank: LayerQuantizers) -> list[str]:
+def compact_layers(model: nn.Module, bank: LayerQuantizers, ranges: dict | None = None) -> list[str]:
     """`compact_layer` for every layer of `bank`, from its fake-quantized weight (so the codes are
-    modelopt's own rounding). Layers with a SmoothQuant / AWQ scale stay as they are."""
+    modelopt's own rounding); their weight quantizers keep that range from now on (`ranges`: the
+    ones a loaded file's weights were snapped with). Layers with a SmoothQuant / AWQ scale stay as
+    they are."""
     done = []
     for name in bank.layers:
         module = model.get_submodule(name)
         if _weight_pre_quant_scale(bank.shadows[name]) is None and bank.format.gemm in _CODE_DTYPES:
-            values, _ = bank.quantized_weight(name, module.weight.detach())
+            values, weight_range = bank.quantized_weight(name, module.weight.detach())
             compact_layer(module, bank.format, values.to(module.weight.device))
+            # the codes' scale is fixed now (the host adds LoRAs with it), so the weight quantizer
+            # takes the same fixed range: it then reproduces the saved values bit for bit
+            saved = (ranges or {}).get(name)  # a loaded file's: the range its weights were snapped with
+            bank.shadows[name].weight_quantizer.amax = weight_range if saved is None else saved.to(weight_range)
             done.append(name)
     bank._cache.clear()
     return done

@@ -28,6 +28,7 @@ import comfy.patcher_extension
 import comfy.sample
 import comfy.sd
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, quant
@@ -57,15 +58,33 @@ class QuantizeWrapper:
     def host_weights(self, module, x):
         """The weight and bias the host would use for this layer now, and a key for the real
         paths' cache of quantized weights (None while low-VRAM patches are computed per call)."""
-        if hasattr(module, "comfy_cast_weights"):
-            weight, bias = comfy.ops.cast_bias_weight(module, x)
-        else:
-            weight, bias = module.weight, None if module.bias is None else module.bias.to(x)
-        weight = quant.dequantized(module, weight, x.dtype)  # a compact layer's are codes
+        weight, bias = host_weight_and_bias(module, x)
         if getattr(module, "weight_function", None):
             return weight, bias, None
         key = (module.weight.data_ptr(), module.weight.device, x.dtype, getattr(self.base_model, "current_weight_patches_uuid", None))
         return weight, bias, key
+
+
+def host_weight_and_bias(module, x):
+    """As the host casts them for input x (device, dtype, low-VRAM LoRA patches); a compact
+    layer's codes as values."""
+    if hasattr(module, "comfy_cast_weights"):
+        weight, bias = comfy.ops.cast_bias_weight(module, x)
+    else:
+        weight, bias = module.weight, None if module.bias is None else module.bias.to(x)
+    return quant.dequantized(module, weight, x.dtype), bias
+
+
+class CompactForward:
+    """A compact layer run outside the quantize wrapper (a pass that skips MODEL wrappers):
+    the stored codes dequantized, as a plain Linear."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x, *args, **kwargs):
+        weight, bias = host_weight_and_bias(self.module, x)
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def quantize_layers(diffusion_model, fmt: str, pattern: str) -> quant.LayerQuantizers:
@@ -93,7 +112,10 @@ def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
     now, packed = quant.layer_memory(diffusion_model, bank.layers, bank.format.weight_bits)
     lines = [f"{bank.format.name} on {len(bank.layers)} of {total} Linear layers "
              f"({'calibrated, ' + bank.config['algorithm'] if bank.calibrated else 'dynamic scaling, no calibration'})"]
-    if path in ("fp8", "int8"):
+    if all(getattr(diffusion_model.get_submodule(n), "compact_format", None) for n in bank.layers):
+        codes = "straight on the stored codes" if path in ("fp8", "int8") else "dequantized from the stored codes per call"
+        lines.append(f"{why} on {len(bank.layers)} layers, {codes}: {now / 2**20:.1f} MiB of weights")
+    elif path in ("fp8", "int8"):
         lines.append(f"{why} on {len(bank.layers)} layers")
         lines.append(f"quantized weights cached on the device: +{packed / 2**20:.1f} MiB beside the originals "
                      f"({now / 2**20:.1f} MiB), which stay so that LoRAs can patch them")
@@ -185,6 +207,18 @@ def resolve_save_path(save_name: str, overwrite: bool) -> str:
     return path
 
 
+def values_state_dict(diffusion_model, bank) -> dict:
+    """The model's weights, compact layers' codes turned back into values."""
+    state_dict = diffusion_model.state_dict()
+    for name in bank.layers:
+        module = diffusion_model.get_submodule(name)
+        if getattr(module, "compact_format", None):
+            dtype = module.bias.dtype if module.bias is not None else torch.float32
+            state_dict[f"{name}.weight"] = quant.dequantized(module, state_dict[f"{name}.weight"], dtype)
+            state_dict.pop(f"{name}.weight_scale", None)
+    return state_dict
+
+
 def network_metadata(model) -> dict[str, str]:
     """What a loader needs to rebuild the model: the FastGen network config for our embedded
     models (the host's own models are recognised from their keys), and the recipe."""
@@ -226,7 +260,7 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
             raise ValueError("this MODEL is not quantized: connect the output of FastGen Quantize Model")
         path = resolve_save_path(save_name, overwrite)
         comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # LoRA patches baked in
-        state_dict = model.model.diffusion_model.state_dict()
+        state_dict = values_state_dict(model.model.diffusion_model, bank)
         quant.save_quantized(path, state_dict, bank, metadata=network_metadata(model))
         name = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
         size = os.path.getsize(path) / 2**20
@@ -266,8 +300,15 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
             category="FastGen/patch",
             description="Loads a model saved by FastGen Save Quantized Model: the host rebuilds the architecture from "
             "its keys, the quantizers are restored from the saved modelopt state (no calibration run).",
-            inputs=[io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in "
-                                   "models/diffusion_models (other files are not listed).")],
+            inputs=[
+                io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in "
+                               "models/diffusion_models (other files are not listed)."),
+                io.Boolean.Input("compact", default=True, tooltip="On: fp8 / int8 layers stay compressed in memory "
+                                 "(half of bf16), dequantized on the fly or fed straight to the fp8 / int8 GEMM; a LoRA "
+                                 "applied after this node is added with the saved scales (values beyond the saved range "
+                                 "saturate). Off: decompressed to their saved precision (more memory; bit-identical to "
+                                 "the saved model, LoRAs keep their full range)."),
+            ],
             outputs=[
                 io.Model.Output(tooltip="The quantized MODEL."),
                 io.String.Output(display_name="report", tooltip="Layers quantized and which path runs."),
@@ -275,14 +316,29 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, compact: bool = True) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
         quant.import_mtq()  # the clear "install nvidia-modelopt" error first
         tensors, info, state, metadata = quant.load_quantized(path)
         quant.check_format_runs(quant.get_format(info["format"]), comfy.model_management.get_torch_device())
         model = build_model(tensors, metadata, path)
-        bank = quant.restore_quantizers(model.model.diffusion_model, info, state)
+        diffusion_model = model.model.diffusion_model
+        bank = quant.restore_quantizers(diffusion_model, info, state)
+        lines = [f"loaded {model_name}"]
+        if compact:
+            before = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            done = quant.compact_layers(diffusion_model, bank, info.get("weight_ranges"))
+            for name in done:
+                diffusion_model.get_submodule(name).forward = CompactForward(diffusion_model.get_submodule(name))
+            after = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            model.size = 0  # the host's memory estimate, recomputed for the smaller weights
+            model.model_size()
+            if done:
+                lines.append(f"compact: {len(done)} layers held as {bank.format.gemm} codes, {after / 2**20:.1f} MiB instead of "
+                             f"{before / 2**20:.1f} MiB ({before / max(after, 1):.1f}x smaller), dequantized on the fly")
+            else:
+                lines.append(f"compact: not for {bank.format.name} (no 8-bit codes); layers decompressed")
         patched, text = attach(model, bank)
-        text = f"loaded {model_name}\n{text}"
+        text = "\n".join([*lines, text])
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
 

@@ -133,10 +133,18 @@ def test_save_then_load_gives_the_same_digits(comfy, object_info):
     assert "saved fastgen/test_digits_int8.safetensors" in node_text(entry, "s")
     options = comfy.get("/object_info/FastGenLoadQuantizedModel")["FastGenLoadQuantizedModel"]["input"]["required"]["model_name"][1]
     assert "fastgen/test_digits_int8.safetensors" in options["options"]
-    loaded_nodes = {"ld": {"class_type": "FastGenLoadQuantizedModel", "inputs": {"model_name": "fastgen/test_digits_int8.safetensors"}}}
-    loaded, entry = digits(comfy, object_info, loaded_nodes, ["ld", 0])
+    def load(compact):
+        nodes = {"ld": {"class_type": "FastGenLoadQuantizedModel",
+                        "inputs": {"model_name": "fastgen/test_digits_int8.safetensors", "compact": compact}}}
+        return digits(comfy, object_info, nodes, ["ld", 0])
+
+    loaded, entry = load(compact=False)
     assert "int8 on 24 of 36 Linear layers" in node_text(entry, "ld")
     torch.testing.assert_close(loaded, in_graph, rtol=0, atol=1e-5)
+    compact, entry = load(compact=True)
+    text = node_text(entry, "ld")
+    assert "compact: 24 layers held as int8 codes" in text and "4.0x smaller" in text, text  # the host runs fp32 on CPU
+    torch.testing.assert_close(compact, in_graph, rtol=0, atol=1e-5)
     bad = {"s": {"class_type": "FastGenSaveQuantizedModel", "inputs": {"model": ["q", 0], "save_name": "../escape", "overwrite": True}}}
     assert "no '..'" in failure(comfy, {**digits_graph(object_info, {"q": quantize(model, "int8")})[0], **bad})
 
@@ -171,3 +179,19 @@ def test_quantized_tiny_wan_runs_through_ksampler_and_accepts_a_lora(comfy):
           f"{relative_error(quantized_lora, with_lora):.4f} from the unquantized LoRA output")
     assert relative_error(quantized_lora, quantized) > 0.05, "the LoRA after the quantize node changed nothing"
     assert relative_error(quantized_lora, with_lora) < 0.05
+
+
+def test_a_lora_after_a_compact_loaded_model_changes_the_output(comfy, object_info):
+    _, ids = digits_graph(object_info)
+    save = {"q": quantize([ids["FastGenLoadModel"], 0], "int8"),
+            "s": {"class_type": "FastGenSaveQuantizedModel",
+                  "inputs": {"model": ["q", 0], "save_name": "fastgen/test_compact_lora", "overwrite": True}}}
+    digits(comfy, object_info, save, ["q", 0])
+    load = {"ld": {"class_type": "FastGenLoadQuantizedModel",
+                   "inputs": {"model_name": "fastgen/test_compact_lora.safetensors", "compact": True}}}
+    compact, _ = digits(comfy, object_info, load, ["ld", 0])
+    with_lora, _ = digits(comfy, object_info, {**load, "l": lora(["ld", 0], strength=0.5)}, ["l", 0])
+    reference, _ = digits(comfy, object_info, {"l": lora([ids["FastGenLoadModel"], 0], strength=0.5)}, ["l", 0])
+    print(f"LoRA after a compact int8 model: {relative_error(with_lora, compact):.3f} from no LoRA, "
+          f"{relative_error(with_lora, reference):.3f} from the unquantized LoRA output")
+    assert relative_error(with_lora, compact) > 0.3
