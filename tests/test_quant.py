@@ -189,6 +189,14 @@ def test_save_then_load_gives_identical_outputs(tmp_path, fmt):
         reloaded_output = one_call(loaded)
     assert_same_quantized_output(reloaded_output, saved_output, fmt)
 
+    if fmt in ("fp8", "int8"):  # held as codes (FastGen Load Quantized Model's default): bit-identical
+        compact = DigitDiT(net.config).eval()
+        compact.load_state_dict(tensors)
+        compact_bank = quant.restore_quantizers(compact, info, state)
+        assert quant.compact_layers(compact, compact_bank, info["weight_ranges"]) == compact_bank.layers
+        with compact_bank.installed(compact):
+            torch.testing.assert_close(one_call(compact), saved_output, rtol=0, atol=0)
+
 
 def assert_same_quantized_output(actual, expected, fmt):
     """int8 / int4: bit-identical. fp8: modelopt's fp8 fake-quant is not bit-idempotent (quantizing
