@@ -122,7 +122,8 @@ def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
     else:
         lines.append(why)
         lines.append(f"these weights: {now / 2**20:.1f} MiB as loaded, {packed / 2**20:.1f} MiB in a saved file "
-                     f"({now / max(packed, 1):.1f}x smaller on disk); in the graph they stay as loaded")
+                     f"({now / max(packed, 1):.1f}x smaller); here they stay as loaded (Save + Load Quantized Model "
+                     "with compact on holds fp8 / int8 layers compressed)")
     kept = total - len(bank.layers)
     lines.append(f"kept in high precision: {kept} Linear layers (embeddings, timestep / modulation, final projection) and all norms")
     return "\n".join(lines)
