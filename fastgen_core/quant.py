@@ -30,8 +30,10 @@ Three execution paths, chosen per device and format (`choose_path`):
   (NVIDIA SM >= 8.0);
 - "fake-quant": modelopt's quantize-dequantize in the original precision: the accuracy of the
   format, no speedup (CPU, older GPUs, int4 weight-only, nvfp4 until its GEMM is wired).
-The originals stay resident so that LoRAs can keep patching them: the cached low-precision copies
-add memory in the graph; the saving on disk (and on load) comes from `save_quantized`.
+On a model the host owns, the originals stay resident so that LoRAs can keep patching them at full
+range, and the cached low-precision copies add memory. The saving comes from `save_quantized` (on
+disk) and `compact_layers` (in memory, for a model loaded from such a file: fp8 / int8 codes with
+the host's hooks for low-precision weights, through which LoRAs are added at the saved scales).
 """
 
 from __future__ import annotations
@@ -419,6 +421,12 @@ class LayerQuantizers:
                 snapped = snapped / pre_quant_scale.to(snapped)
             module.weight.copy_(snapped.to(module.weight.dtype))
 
+    def forget_base_weights(self, name: str, module: nn.Module):
+        """Point the shadow at the module's current parameters (after the module replaced them), so
+        the bank holds no reference to the old ones."""
+        self._base[name] = dict(module._parameters)
+        self._restore_layer(name, self.shadows[name])
+
     def _restore_base_weights(self):
         for name, shadow in self.shadows.items():
             for key, value in self._base[name].items():
@@ -638,6 +646,7 @@ def compact_layers(model: nn.Module, bank: LayerQuantizers, ranges: dict | None 
             # takes the same fixed range: it then reproduces the saved values bit for bit
             saved = (ranges or {}).get(name)  # a loaded file's: the range its weights were snapped with
             bank.shadows[name].weight_quantizer.amax = weight_range if saved is None else saved.to(weight_range)
+            bank.forget_base_weights(name, module)  # so the full-precision weights can be freed
             done.append(name)
     bank._cache.clear()
     return done

@@ -1,6 +1,8 @@
 """#5 quantization on modelopt, on the embedded teacher (CPU: fake-quant and the real GEMM code)."""
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -271,7 +273,10 @@ def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
         expected = one_call(net)
     fc1 = net.blocks[0].fc1
     original = fc1.weight.detach().clone()
+    weakly_held = weakref.ref(fc1.weight)
     assert quant.compact_layers(net, bank) == bank.layers
+    gc.collect()
+    assert weakly_held() is None, "something still holds the full-precision weight"
     assert {net.get_submodule(name).weight.dtype for name in bank.layers} == {quant._CODE_DTYPES[fmt]}
     with bank.installed(net):
         compact = one_call(net)
