@@ -5,9 +5,10 @@
     tokens (3 latent frames of 832x480) attending to up to 21 latent frames (a KV cache of 18
     earlier frames + the chunk: 32760 keys), cross-attention to 512 text tokens.
 
-Each quantized run is what FastGen Quantize Model runs: `fastgen_core.quant.LayerQuantizers`
-routing the block Linear layers through modelopt quantizers, with the path `choose_path` picks for
-the device (fp8: torch._scaled_mm on SM >= 8.9; int8: torch._int_mm on SM >= 8.0; else
+Each quantized run is what the nodes run: `fastgen_core.quant.LayerQuantizers` routing the block
+Linear layers through modelopt quantizers (FastGen Quantize Model: bf16 originals kept, quantized
+codes cached beside them; "compact": FastGen Load Quantized Model's default, the layers held as
+codes only), with the path `choose_path` picks for the device (fp8: torch._scaled_mm on SM >= 8.9; int8: torch._int_mm on SM >= 8.0; else
 fake-quant). Attention stays bf16 (SDPA). For each run it prints the time per forward, the compute
 floor (the stack's FLOPs at the GEMM throughput measured at the start of the run, per precision),
 the speed ratio to bf16, the relative error of the output against bf16 and the peak memory.
@@ -202,9 +203,15 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         reference = stack(x)
         seconds = timed(lambda: stack(x), device, args.warmup, args.iters)
     rows.append(dict(run="bf16", path="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
-                     floor=(linear_flop + attention_flop) / throughput["bf16"]))
-    for fmt in ("fp8", "int8"):
+                     floor=(linear_flop + attention_flop) / throughput["bf16"],
+                     weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
+    for fmt, compact in (("fp8", False), ("int8", False), ("fp8", True), ("int8", True)):
+        if compact:  # FastGen Load Quantized Model's default: the layers held as codes, originals dropped
+            del stack
+            stack, x = build(kind, cfg, device, torch.bfloat16)
         bank = quant.quantize_model(stack, fmt, pattern="blocks.*")
+        if compact:
+            quant.compact_layers(stack, bank)
         path, why = quant.choose_path(bank.format, device)
         if device.type == "cpu" and args.small:
             path, why = fmt, f"{fmt} GEMM code on CPU (correctness only, no speed meaning)"
@@ -212,22 +219,26 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         reset_peak(device)
         with torch.no_grad(), bank.installed(stack):
             out = stack(x)
-            seconds = timed(lambda: stack(x), device, args.warmup, args.iters)
+            seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
         gemm = throughput.get(path, throughput["bf16"])
-        rows.append(dict(run=fmt, path=why, seconds=seconds, memory=peak_memory(device),
+        rows.append(dict(run=fmt + (" compact" if compact else ""), path=why, seconds=seconds, memory=peak_memory(device),
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
-                         cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values())))
+                         cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values()),
+                         weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
+        del bank
     print(f"\n({kind}) {describe(kind, cfg)}: {len(quant.linear_layers(stack))} Linear layers, {weights / 1e6:.1f} M weights "
           f"({weights * 2 / 2**20:.0f} MiB bf16); {flop_text(linear_flop)} in GEMMs + {flop_text(attention_flop)} attention "
           "per forward")
-    print(f"{'run':5} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'vs bf16':>8} {'rel err':>9} {'peak GiB':>9}  path")
+    print(f"{'run':13} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'vs bf16':>8} {'rel err':>9} {'weights MiB':>11} "
+          f"{'peak GiB':>9}  path")
     base = rows[0]["seconds"]
     for row in rows:
         memory = f"{row['memory']:.2f}" if row["memory"] is not None else "-"
-        extra = f"; quantized weights cached: {row['cache'] / 2**20:.0f} MiB" if row.get("cache") else ""
-        print(f"{row['run']:5} {row['seconds'] * 1e3:9.2f} {row['floor'] * 1e3:9.2f} {row['floor'] / row['seconds']:8.0%} "
-              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {memory:>9}  {row['path']}{extra}")
+        weights_mib = (row["weights"] + row.get("cache", 0)) / 2**20
+        extra = f" (incl. {row['cache'] / 2**20:.0f} MiB cached codes beside the bf16 originals)" if row.get("cache") else ""
+        print(f"{row['run']:13} {row['seconds'] * 1e3:9.2f} {row['floor'] * 1e3:9.2f} {row['floor'] / row['seconds']:8.0%} "
+              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {weights_mib:11.0f} {memory:>9}  {row['path']}{extra}")
     return rows
 
 
