@@ -590,7 +590,7 @@ def _dynamic_scale(x: torch.Tensor, amax, qmax: float) -> torch.Tensor:
     from modelopt.torch.quantization.utils import reduce_amax
 
     amax = reduce_amax(x) if amax is None else amax.to(x.device)
-    return (amax.float().reshape(()) / qmax).clamp_min(1e-12)
+    return (amax.float().max() / qmax).clamp_min(1e-12)  # per tensor, also from a per-channel calibrated range
 
 
 def fp8_linear(x, w_fp8, w_scale, bias=None, input_amax=None):
