@@ -237,6 +237,13 @@ def _shallow_clone(module: nn.Module) -> nn.Module:
     for attr, value in (("comfy_cast_weights", False), ("weight_function", []), ("bias_function", [])):
         if hasattr(module, attr):
             setattr(clone, attr, value)
+    # a compact layer (codes + scale, its own plain forward): the clone is an ordinary layer, with
+    # values to calibrate on while it is converted (LayerQuantizers then drops them)
+    for attr in ("forward", "compact_format", "convert_weight", "set_weight"):
+        clone.__dict__.pop(attr, None)
+    if getattr(module, "compact_format", None):
+        clone._parameters["weight"] = nn.Parameter(dequantized(module, module.weight.detach(), torch.float32), requires_grad=False)
+        clone._parameters.pop("weight_scale", None)
     return clone
 
 
@@ -289,7 +296,7 @@ class LayerQuantizers:
         self.root = nn.Module()
         for name, module in modules.items():
             _put(self.root, name, _shallow_clone(module))
-        self._base = {name: dict(module._parameters) for name, module in modules.items()}
+        self._base = {name: {k: v for k, v in module._parameters.items() if k in ("weight", "bias")} for name, module in modules.items()}
         self.config = modelopt_config(self.format)
         with _no_weight_folding():
             mtq.quantize(self.root, {**self.config, "algorithm": "max"}, forward_loop=None)
@@ -299,6 +306,7 @@ class LayerQuantizers:
             raise RuntimeError(f"modelopt did not convert {len(unconverted)} layers (e.g. {unconverted[0]}: "
                                f"{type(modules[unconverted[0]]).__name__}); is its class registered?")
         self._make_weights_dynamic()
+        self._restore_base_weights()
         self.calibrated = False
         self.path = "fake"
         self.fallback = None  # why a real GEMM path fell back to fake-quant, if it did
@@ -424,7 +432,7 @@ class LayerQuantizers:
     def forget_base_weights(self, name: str, module: nn.Module):
         """Point the shadow at the module's current parameters (after the module replaced them), so
         the bank holds no reference to the old ones."""
-        self._base[name] = dict(module._parameters)
+        self._base[name] = {k: v for k, v in module._parameters.items() if k in ("weight", "bias")}
         self._restore_layer(name, self.shadows[name])
 
     def _restore_base_weights(self):

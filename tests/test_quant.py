@@ -325,3 +325,17 @@ def test_awq_calibration_keeps_the_weights_and_round_trips_through_a_file(tmp_pa
     restored = quant.restore_quantizers(loaded, info, state)
     with restored.installed(loaded):
         assert relative_error(one_call(loaded), awq) < 1e-5  # measured 3e-7 (weights stored scaled, divided back)
+
+
+def test_a_compact_model_can_be_quantized_again_in_another_format():
+    net = checkpoint.load_network(TEACHER)[0]
+    fp8_on_original = quant.quantize_model(net, "fp8")
+    with fp8_on_original.installed(net):
+        expected = one_call(net)
+    quant.compact_layers(net, quant.quantize_model(net, "int8"))
+    again = quant.quantize_model(net, "fp8")
+    assert again.quantized_count() == 24
+    with again.installed(net):
+        out = one_call(net)
+    assert relative_error(out, expected) < 0.05  # fp8 of int8-rounded weights vs fp8 of the originals
+    assert all(net.get_submodule(n).weight.dtype == torch.int8 for n in again.layers)  # still compact
