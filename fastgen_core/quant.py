@@ -299,7 +299,9 @@ class LayerQuantizers:
         self._base = {name: {k: v for k, v in module._parameters.items() if k in ("weight", "bias")} for name, module in modules.items()}
         self.config = modelopt_config(self.format)
         with _no_weight_folding():
-            mtq.quantize(self.root, {**self.config, "algorithm": "max"}, forward_loop=None)
+            # conversion only: no weight is read (the weight scales are dynamic), so host weights in
+            # any storage dtype (the host's fp8 checkpoints) are fine
+            mtq.quantize(self.root, {**self.config, "algorithm": None}, forward_loop=None)
         self.shadows = {name: self.root.get_submodule(name) for name in self.layers}
         unconverted = [n for n, s in self.shadows.items() if not hasattr(s, "weight_quantizer")]
         if unconverted:
