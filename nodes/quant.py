@@ -125,7 +125,7 @@ def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
                      f"({now / max(packed, 1):.1f}x smaller); here they stay as loaded (Save + Load Quantized Model "
                      "with compact on holds fp8 / int8 layers compressed)")
     kept = total - len(bank.layers)
-    lines.append(f"kept in high precision: {kept} Linear layers (embeddings, timestep / modulation, final projection) and all norms")
+    lines.append(f"kept in high precision: the other {kept} Linear layers and all norms")
     return "\n".join(lines)
 
 
