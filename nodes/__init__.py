@@ -4,6 +4,7 @@ from .conditioning import FastGenDigitConditioning
 from .distill import FastGenDistillDMD
 from .hub import FastGenHubDownload
 from .loaders import FastGenLoadModel
+from .quant import FastGenLoadQuantizedModel, FastGenQuantizeModel, FastGenSaveQuantizedModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
 from .world import FastGenCausalVideoSampler
@@ -12,5 +13,6 @@ from .world_session import FastGenWorldSession
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
-    FastGenCausalVideoSampler, FastGenHubDownload, FastGenWorldSession,
+    FastGenCausalVideoSampler, FastGenHubDownload, FastGenWorldSession, FastGenQuantizeModel, FastGenSaveQuantizedModel,
+    FastGenLoadQuantizedModel,
 ]

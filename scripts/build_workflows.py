@@ -240,6 +240,27 @@ def world_model_play() -> Graph:
     return g
 
 
+def quantize_model() -> Graph:
+    """The teacher through FastGen Quantize Model (fp8; calibration inputs linked, off) -> KSampler
+    -> pixel decode -> save. The node is drawn tall enough for its report."""
+    g = Graph()
+    model, cond, latent = digit_inputs(g)
+    quant = g.node("FastGenQuantizeModel", ["fp8", "", False, 4, 0],
+                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")],
+                   outputs=[("MODEL", "MODEL"), ("report", "STRING")], pos=(420, 60), size=(380, 360))
+    g.link(model, 0, quant, "model")
+    g.link(cond, 0, quant, "positive")
+    g.link(latent, 0, quant, "latent")
+    sampler = g.node(
+        "KSampler", [42, "fixed", 16, 3.0, "euler", "simple", 1.0],
+        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        outputs=[("LATENT", "LATENT")], pos=(840, 60), size=(320, 270),
+    )
+    link_sampler(g, sampler, quant, cond, latent)
+    pixel_decode_and_save(g, sampler, "fastgen/digits_fp8", vae_pos=(840, 380), decode_x=1200)
+    return g
+
+
 WORKFLOW_BUILDERS = {
     "embedded_teacher.json": embedded_teacher,
     "embedded_fast_solver.json": embedded_fast_solver,
@@ -248,6 +269,7 @@ WORKFLOW_BUILDERS = {
     "wan_step_distill_lora.json": wan_step_distill_lora,
     "causal_video.json": causal_video,
     "world_model_play.json": world_model_play,
+    "quantize_model.json": quantize_model,
 }
 
 if __name__ == "__main__":

@@ -80,9 +80,13 @@ class FastGenDigits(comfy.supported_models_base.BASE):
 def load_digit_model(path: str) -> comfy.model_patcher.ModelPatcher:
     """A FastGen DigitDiT file -> a native MODEL (ModelPatcher around a host BaseModel)."""
     arch, config, recipe = checkpoint.network_info(path)
+    return digit_model_from_state_dict(arch, config, recipe, checkpoint.load_state_dict(path), path)
+
+
+def digit_model_from_state_dict(arch: str, config: dict, recipe, state_dict: dict, path: str) -> comfy.model_patcher.ModelPatcher:
+    """A DigitDiT's config and weights (e.g. decompressed from a quantized file) -> a native MODEL."""
     if arch != "DigitDiT":
         raise ValueError(f"{path} holds a {arch}, which is not a diffusion model this loader can run")
-    state_dict = checkpoint.load_state_dict(path)
     checkpoint.check_state_dict(checkpoint.build_network(arch, config, source=path, device="meta"), state_dict, path)
 
     model_config = FastGenDigits({**config, "image_model": DIGIT_IMAGE_MODEL})

@@ -1,0 +1,345 @@
+"""Quantize patch: MODEL -> MODEL on nvidia-modelopt, and quantized models saved and loaded back.
+
+FastGen Quantize Model        MODEL -> MODEL (fp8 / int8 / SmoothQuant / int4 / AWQ / nvfp4), with
+                              an optional calibration run on the graph's own conditioning
+FastGen Save Quantized Model  the quantized MODEL -> models/diffusion_models/<name>.safetensors
+                              (compressed weights + modelopt quantizer state)
+FastGen Load Quantized Model  that file -> the quantized MODEL, with no recalibration
+
+How it meets the host (the design is in fastgen_core/quant.py): the diffusion model is never
+converted. An APPLY_MODEL wrapper routes the selected Linear layers through modelopt quantizers
+held beside the model, for the duration of each forward only, and hands them each layer's weight
+as the host computes it (`comfy.ops.cast_bias_weight`: device / dtype casting and low-VRAM LoRA
+patches included; fully loaded LoRA patches are already baked into the weight). So a LoRA loaded
+before or after this node changes what is quantized, clones of the input MODEL are unaffected,
+and the host's comfy.ops Linear classes are registered with modelopt (`mtq.register`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+import comfy.sample
+import comfy.sd
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..fastgen_core import checkpoint, quant
+from ..fastgen_core.recipe import RECIPE_KEY
+from .adapters.embedded import HostDigitDiT, digit_model_from_state_dict
+from .adapters.recipes import model_recipe
+
+log = logging.getLogger("fastgen")
+
+WRAPPER_KEY = "fastgen_quant"
+ATTACHMENT_KEY = "fastgen_quant"  # the LayerQuantizers of a quantized MODEL (read by the save node)
+FOLDER = "diffusion_models"
+
+
+class QuantizeWrapper:
+    """APPLY_MODEL wrapper (every host model runs BaseModel.apply_model; not every diffusion model
+    class calls DIFFUSION_MODEL wrappers): the selected layers run quantized inside each call."""
+
+    def __init__(self, bank: quant.LayerQuantizers, base_model):
+        self.bank = bank
+        self.base_model = base_model  # the host BaseModel: its patch uuid versions the weights
+
+    def __call__(self, executor, *args, **kwargs):
+        with self.bank.installed(executor.class_obj.diffusion_model, weights=self.host_weights):
+            return executor(*args, **kwargs)
+
+    def host_weights(self, module, x):
+        """The weight and bias the host would use for this layer now, and a key for the real
+        paths' cache of quantized weights (None while low-VRAM patches are computed per call)."""
+        weight, bias = host_weight_and_bias(module, x)
+        if getattr(module, "weight_function", None):
+            return weight, bias, None
+        key = (module.weight.data_ptr(), module.weight.device, x.dtype, getattr(self.base_model, "current_weight_patches_uuid", None))
+        return weight, bias, key
+
+
+def host_weight_and_bias(module, x):
+    """As the host casts them for input x (device, dtype, low-VRAM LoRA patches); a compact
+    layer's codes as values."""
+    if hasattr(module, "comfy_cast_weights"):
+        weight, bias = comfy.ops.cast_bias_weight(module, x)
+    else:
+        weight, bias = module.weight, None if module.bias is None else module.bias.to(x)
+    return quant.dequantized(module, weight, x.dtype), bias
+
+
+class CompactForward:
+    """A compact layer run outside the quantize wrapper (a pass that skips MODEL wrappers):
+    the stored codes dequantized, as a plain Linear."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x, *args, **kwargs):
+        weight, bias = host_weight_and_bias(self.module, x)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def quantize_layers(diffusion_model, fmt: str, pattern: str) -> quant.LayerQuantizers:
+    quant.import_mtq()  # the clear "install nvidia-modelopt" error first
+    layers = quant.select_layers(diffusion_model, pattern)
+    return quant.LayerQuantizers(diffusion_model, fmt, layers)
+
+
+def attach(model, bank: quant.LayerQuantizers):
+    """A clone of `model` that runs quantized through `bank`, and the text saying how."""
+    device = model.load_device
+    path, why = quant.choose_path(bank.format, device)
+    bank.path = path
+    bank.to(device)
+    patched = model.clone()
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, QuantizeWrapper(bank, model.model))
+    patched.attachments[ATTACHMENT_KEY] = bank
+    return patched, report(model, bank, path, why)
+
+
+def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
+    diffusion_model = model.model.diffusion_model
+    total = len(quant.linear_layers(diffusion_model))
+    now, packed = quant.layer_memory(diffusion_model, bank.layers, bank.format.weight_bits)
+    lines = [f"{bank.format.name} on {len(bank.layers)} of {total} Linear layers "
+             f"({'calibrated, ' + bank.config['algorithm'] if bank.calibrated else 'dynamic scaling, no calibration'})"]
+    if all(getattr(diffusion_model.get_submodule(n), "compact_format", None) for n in bank.layers):
+        codes = "straight on the stored codes" if path in ("fp8", "int8") else "dequantized from the stored codes per call"
+        lines.append(f"{why} on {len(bank.layers)} layers, {codes}: {now / 2**20:.1f} MiB of weights")
+    elif path in ("fp8", "int8"):
+        lines.append(f"{why} on {len(bank.layers)} layers")
+        lines.append(f"quantized weights cached on the device: +{packed / 2**20:.1f} MiB beside the originals "
+                     f"({now / 2**20:.1f} MiB), which stay so that LoRAs can patch them")
+    else:
+        lines.append(why)
+        lines.append(f"these weights: {now / 2**20:.1f} MiB as loaded, {packed / 2**20:.1f} MiB in a saved file "
+                     f"({now / max(packed, 1):.1f}x smaller); here they stay as loaded (Save + Load Quantized Model "
+                     "with compact on holds fp8 / int8 layers compressed)")
+    kept = total - len(bank.layers)
+    lines.append(f"kept in high precision: the other {kept} Linear layers and all norms")
+    return "\n".join(lines)
+
+
+def calibration_loop(model, positive, latent, steps: int, seed: int):
+    """A few sampling steps on the graph's own conditioning (cfg 1: positive only)."""
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+
+    def run():
+        comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, samples,
+                            denoise=1.0, disable_pbar=True, seed=seed)
+
+    return run
+
+
+class FastGenQuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenQuantizeModel",
+            display_name="FastGen Quantize Model",
+            category="FastGen/patch",
+            description="Quantizes the transformer / UNet layers of any MODEL with NVIDIA ModelOpt. Real low-precision "
+            "GEMMs where the GPU has them (fp8: SM >= 8.9; int8: SM >= 8.0), elsewhere fake-quant (the format's "
+            "accuracy, no speedup). LoRAs before or after this node keep working. The report says which path runs.",
+            inputs=[
+                io.Model.Input("model", tooltip="Any MODEL the host runs (Wan, Flux, SD, the embedded models...)."),
+                io.Combo.Input("format", options=list(quant.FORMATS), default="fp8",
+                               tooltip="; ".join(f"{f.name}: {f.description}" for f in quant.FORMATS.values())),
+                io.String.Input("layers", default="", tooltip="Empty: the architecture's transformer-block layers "
+                                "(embeddings, timestep / modulation MLPs, Linear(1, d), the final projection and norms stay "
+                                "in high precision). Or comma-separated globs over Linear layer names, e.g. "
+                                "'blocks.*.ffn.*, blocks.*.self_attn.*'; a glob that matches nothing is an error."),
+                io.Boolean.Input("calibrate", default=False, tooltip="Off: calibration-free dynamic scaling (per call). "
+                                 "On: run `steps` sampling steps on `positive` + `latent` to fix activation ranges (and "
+                                 "search SmoothQuant / AWQ scales, which need it)."),
+                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps of the calibration run."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Conditioning for the calibration run."),
+                io.Latent.Input("latent", optional=True, tooltip="A latent of the size you will sample (calibration run)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, tooltip="Noise seed of the calibration run."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The quantized MODEL (the input MODEL is unchanged)."),
+                io.String.Output(display_name="report", tooltip="Layers quantized and which path runs (GEMM or fake-quant)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, format: str, layers: str, calibrate: bool, steps: int, positive=None, latent=None,
+                seed: int = 0) -> io.NodeOutput:
+        fmt = quant.get_format(format)
+        quant.check_format_runs(fmt, model.load_device)
+        if fmt.needs_calibration and not calibrate:
+            raise ValueError(f"{format} searches its scales on real activations: turn calibrate on and connect positive + latent")
+        if calibrate and (positive is None or latent is None):
+            raise ValueError("calibrate needs the positive conditioning and a latent to sample from: connect both, or turn it off")
+        bank = quantize_layers(model.model.diffusion_model, format, layers)
+        patched, _ = attach(model, bank)
+        if calibrate:
+            comfy.model_management.load_models_gpu([patched])
+            bank.calibrate(calibration_loop(patched, positive, latent, steps, seed))
+        patched, text = attach(model, bank)
+        log.info("FastGen Quantize: %s", text.replace("\n", "; "))
+        return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
+
+
+def resolve_save_path(save_name: str, overwrite: bool) -> str:
+    """A path under the first diffusion_models folder; refuses '..', absolute paths and silent overwrites."""
+    name = save_name.strip().replace("\\", "/")
+    if not name or os.path.isabs(name) or name.startswith("/") or any(part in ("..", "", ".") for part in name.split("/")):
+        raise ValueError(f"save_name {save_name!r} must be a relative name like 'fastgen/my_model_fp8' (no '..', no absolute path)")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = os.path.abspath(folder_paths.get_folder_paths(FOLDER)[0])
+    path = os.path.abspath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"save_name {save_name!r} leaves the {FOLDER} folder")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{name} already exists in {root}: choose another save_name, or turn overwrite on")
+    return path
+
+
+def values_state_dict(diffusion_model, bank) -> dict:
+    """The model's weights, compact layers' codes turned back into values."""
+    state_dict = diffusion_model.state_dict()
+    for name in bank.layers:
+        module = diffusion_model.get_submodule(name)
+        if getattr(module, "compact_format", None):
+            dtype = module.bias.dtype if module.bias is not None else torch.float32
+            state_dict[f"{name}.weight"] = quant.dequantized(module, state_dict[f"{name}.weight"], dtype)
+            state_dict.pop(f"{name}.weight_scale", None)
+    return state_dict
+
+
+def network_metadata(model) -> dict[str, str]:
+    """What a loader needs to rebuild the model: the FastGen network config for our embedded
+    models (the host's own models are recognised from their keys), and the recipe."""
+    metadata = {}
+    diffusion_model = model.model.diffusion_model
+    if isinstance(diffusion_model, HostDigitDiT):
+        metadata[checkpoint.NETWORK_KEY] = json.dumps({"arch": "DigitDiT", "config": diffusion_model.config.to_dict()}, sort_keys=True)
+    recipe = model_recipe(model)
+    if recipe is not None:
+        metadata[RECIPE_KEY] = recipe.to_json()
+    return metadata
+
+
+class FastGenSaveQuantizedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenSaveQuantizedModel",
+            display_name="FastGen Save Quantized Model",
+            category="FastGen/patch",
+            description="Saves a MODEL from FastGen Quantize Model to models/diffusion_models: the quantized layers "
+            "compressed (fp8 / int8: 1 byte per weight, int4: half a byte) with their modelopt quantizer state, LoRAs "
+            "applied before saving baked in. FastGen Load Quantized Model loads it back without recalibration.",
+            inputs=[
+                io.Model.Input("model", tooltip="The output of FastGen Quantize Model (or of the loader)."),
+                io.String.Input("save_name", default="fastgen/quantized_model", tooltip="Relative to models/diffusion_models; "
+                                "'.safetensors' is added. No '..' or absolute paths."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+            ],
+            outputs=[io.String.Output(display_name="file_name", tooltip="The saved file, as the loader lists it.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, save_name: str, overwrite: bool) -> io.NodeOutput:
+        bank = model.attachments.get(ATTACHMENT_KEY)
+        quant.import_mtq()
+        if bank is None:
+            raise ValueError("this MODEL is not quantized: connect the output of FastGen Quantize Model")
+        path = resolve_save_path(save_name, overwrite)
+        comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # LoRA patches baked in
+        state_dict = values_state_dict(model.model.diffusion_model, bank)
+        quant.save_quantized(path, state_dict, bank, metadata=network_metadata(model))
+        name = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
+        size = os.path.getsize(path) / 2**20
+        text = f"saved {name} ({size:.1f} MiB): {bank.format.name} on {len(bank.layers)} layers"
+        return io.NodeOutput(name, ui=ui.PreviewText(text))
+
+
+def quantized_files() -> list[str]:
+    """Files in models/diffusion_models that FastGen Save Quantized Model wrote (header check only)."""
+    names = []
+    for name in folder_paths.get_filename_list(FOLDER):
+        if name.endswith(".safetensors"):
+            try:
+                if quant.QUANT_KEY in checkpoint.read_metadata(folder_paths.get_full_path(FOLDER, name)):
+                    names.append(name)
+            except (OSError, ValueError):
+                continue
+    return names
+
+
+def build_model(tensors: dict, metadata: dict, path: str):
+    if checkpoint.NETWORK_KEY in metadata:
+        arch, config, recipe = checkpoint.network_info(path)
+        return digit_model_from_state_dict(arch, config, recipe, tensors, path)
+    model = comfy.sd.load_diffusion_model_state_dict(tensors)
+    if model is None:
+        raise ValueError(f"ComfyUI does not recognise the model in {os.path.basename(path)}")
+    return model
+
+
+class FastGenLoadQuantizedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FastGenLoadQuantizedModel",
+            display_name="FastGen Load Quantized Model",
+            category="FastGen/patch",
+            description="Loads a model saved by FastGen Save Quantized Model: the host rebuilds the architecture from "
+            "its keys, the quantizers are restored from the saved modelopt state (no calibration run).",
+            inputs=[
+                io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in "
+                               "models/diffusion_models (other files are not listed)."),
+                io.Boolean.Input("compact", default=True, tooltip="On: fp8 / int8 layers stay compressed in memory "
+                                 "(half of bf16), dequantized on the fly or fed straight to the fp8 / int8 GEMM; a LoRA "
+                                 "applied after this node is added with the saved scales (values beyond the saved range "
+                                 "saturate). Off: decompressed to their saved precision (more memory; bit-identical to "
+                                 "the saved model, LoRAs keep their full range)."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The quantized MODEL."),
+                io.String.Output(display_name="report", tooltip="Layers quantized and which path runs."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, compact: bool = True) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
+        quant.import_mtq()  # the clear "install nvidia-modelopt" error first
+        tensors, info, state, metadata = quant.load_quantized(path)
+        quant.check_format_runs(quant.get_format(info["format"]), comfy.model_management.get_torch_device())
+        model = build_model(tensors, metadata, path)
+        diffusion_model = model.model.diffusion_model
+        bank = quant.restore_quantizers(diffusion_model, info, state)
+        lines = [f"loaded {model_name}"]
+        if compact:
+            before = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            done = quant.compact_layers(diffusion_model, bank, info.get("weight_ranges"))
+            for name in done:
+                diffusion_model.get_submodule(name).forward = CompactForward(diffusion_model.get_submodule(name))
+            after = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            model.size = 0  # the host's memory estimate, recomputed for the smaller weights
+            model.model_size()
+            if done:
+                lines.append(f"compact: {len(done)} layers held as {bank.format.gemm} codes, {after / 2**20:.1f} MiB instead of "
+                             f"{before / 2**20:.1f} MiB ({before / max(after, 1):.1f}x smaller), dequantized on the fly")
+            else:
+                lines.append(f"compact: not for {bank.format.name} (no 8-bit codes); layers decompressed")
+        patched, text = attach(model, bank)
+        text = "\n".join([*lines, text])
+        return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
+
