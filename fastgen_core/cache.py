@@ -488,14 +488,16 @@ class CacheRun:
     state per stream key (the tuple of conditionings batched in the call), so cond and uncond
     batches never share cached tensors."""
 
-    def __init__(self, config: CacheConfig, sample_sigmas, profile: ChangeProfile | None = None):
+    def __init__(self, config: CacheConfig, sample_sigmas, profiles=None):
+        """`profiles`: one ChangeProfile, a list of them (calibrations of several schedules) or None;
+        the one whose sigmas match this run's is used."""
         self.config = config
         self.sample_sigmas = [float(s) for s in sample_sigmas]
         self.steps = max(len(self.sample_sigmas) - 1, 1)
-        if profile is not None and not profile.matches(self.sample_sigmas):
-            profile = None
-        self.profile = profile
-        self.enabled, self.reason = caching_allowed(self.steps, profile)
+        profiles = [profiles] if isinstance(profiles, ChangeProfile) else list(profiles or [])
+        self.profile = next((p for p in reversed(profiles) if p.matches(self.sample_sigmas)), None)
+        self.unmatched_profiles = len(profiles) if self.profile is None else 0
+        self.enabled, self.reason = caching_allowed(self.steps, self.profile)
         self.stats = CacheStats()
         self.streams: dict = {}
 

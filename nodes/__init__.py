@@ -1,5 +1,6 @@
 """ComfyUI nodes: thin adapters over fastgen_core, one module per capability."""
 
+from .cache import FastGenCache, FastGenCalibrateCache
 from .conditioning import FastGenDigitConditioning
 from .distill import FastGenDistillDMD
 from .hub import FastGenHubDownload
@@ -11,5 +12,5 @@ from .world import FastGenCausalVideoSampler
 NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
-    FastGenCausalVideoSampler, FastGenHubDownload,
+    FastGenCausalVideoSampler, FastGenHubDownload, FastGenCache, FastGenCalibrateCache,
 ]
