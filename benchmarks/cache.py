@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -95,13 +97,29 @@ def sample(host, model, positive, negative, digits):
     return host.nodes.common_ksampler(model, SEED, STEPS, CFG, "euler", "simple", positive, negative, latent)[0]["samples"]
 
 
-def skipped_steps(host, name: str) -> tuple[int, float]:
+class EasyCacheLog(logging.Handler):
+    """EasyCache reports its skips only in the log ("EasyCache - skipped 12/32 steps")."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped = None
+
+    def emit(self, record):
+        match = re.search(r"EasyCache - skipped (\d+)/", record.getMessage())
+        if match:
+            self.skipped = int(match.group(1))
+
+
+def skipped_work(host, name: str, easy_log: EasyCacheLog) -> tuple[int, float]:
     """(model calls skipped, fraction of block work skipped) of the last run."""
+    if name == "uncached":
+        return 0, 0.0
     if name.startswith("EasyCache"):
-        return -1, 0.0
+        return easy_log.skipped, 0.0
     stats = host.cache.LAST_STATS
-    blocks = stats["blocks_skipped"] / stats["blocks"] if stats.get("blocks") else 0.0
-    return stats["steps_skipped"], blocks
+    if stats.get("chunks"):  # chunk-blocks skipped, as a share of all block work (the first block always runs)
+        return stats["steps_skipped"], stats["chunks_skipped"] / stats["chunks"] * (1 - stats["calls"] / stats["blocks"])
+    return stats["steps_skipped"], stats["blocks_skipped"] / stats["blocks"] if stats.get("blocks") else 0.0
 
 
 def compare(args):
@@ -121,13 +139,15 @@ def compare(args):
 
     times = {name: [] for name, _ in methods}
     results = {}
+    easy_log = EasyCacheLog()
+    logging.getLogger().addHandler(easy_log)
     sample(host, model, positive, negative, 2)  # warm-up: first-call costs off the clock
     for _ in range(args.repeats):
         for name, m in methods:  # interleaved: machine load hits every method alike
             t0 = time.perf_counter()
             out = sample(host, m, positive, negative, args.digits)
             times[name].append(time.perf_counter() - t0)
-            results[name] = (out, skipped_steps(host, name))
+            results[name] = (out, skipped_work(host, name, easy_log))
     reference = results["uncached"][0]
     base = min(times["uncached"])
     rows = []
@@ -145,7 +165,7 @@ def compare(args):
 def print_table(rows):
     print(f"{'method':<16} {'seconds':>8} {'speedup':>8} {'PSNR dB':>8} {'accuracy':>9} {'calls skipped':>14} {'block work skipped':>19}")
     for r in rows:
-        skips = "?" if r["calls_skipped"] < 0 else f"{r['calls_skipped']}/{2 * STEPS if False else STEPS}"
+        skips = f"{r['calls_skipped']}/{STEPS}"
         print(f"{r['method']:<16} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['psnr']:>8.2f} {100 * r['accuracy']:>8.1f}% "
               f"{skips:>14} {100 * r['block_work_skipped']:>18.0f}%")
 
@@ -246,18 +266,53 @@ def chunk_clip_benchmark(threshold: float = 0.05, sigma: float = 0.5):
 
 
 def overhead(args):
-    host = load_host(args.comfyui, cpu=not torch.cuda.is_available())
-    import comfy.model_management
+    """Step time uncached vs each policy at threshold 0 (nothing skipped) on a random Wan."""
+    cuda = torch.cuda.is_available()
+    host = load_host(args.comfyui, cpu=not cuda)
     import comfy.sd
-    from tests_tiny import tiny_wan  # noqa: F401  (placeholder, replaced below)
-    del comfy, tiny_wan
+
+    sys.path.insert(0, os.path.join(REPO, "tests", "host"))
+    from tiny_models import tiny_wan_state_dict
+
+    if args.small:
+        size = dict(dim=256, layers=2, ffn_dim=1024)
+        latent_shape, text_tokens, steps = (1, 16, 3, 8, 8), 16, 10
+    else:  # Wan 2.1 1.3B: dim 1536, 12 heads, 30 blocks, ffn 8960; 832x480x81 -> latent 21x60x104
+        size = dict(dim=1536, layers=30, ffn_dim=8960)
+        latent_shape, text_tokens, steps = (1, 16, 21, 60, 104), 512, 10
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t0 = time.perf_counter()
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_wan_state_dict(**size, dtype=dtype))
+    print(f"random Wan {size} loaded in {time.perf_counter() - t0:.1f}s on {'cuda' if cuda else 'cpu'} ({dtype})")
+    context = torch.randn(1, text_tokens, 4096, generator=torch.Generator().manual_seed(0))
+    positive = [[context, {"pooled_output": None}]]
+    latent = {"samples": torch.zeros(latent_shape)}
+
+    def run(m):
+        t = time.perf_counter()
+        host.nodes.common_ksampler(m, SEED, steps, 1.0, "euler", "simple", positive, positive, latent)
+        return (time.perf_counter() - t) / steps
+
+    variants = [("uncached", model)] + [(p, host.cache.apply_cache(model, core_cache.CacheConfig(policy=p, threshold=0.0)))
+                                        for p in core_cache.POLICIES]
+    run(model)  # warm-up: weights to the device, kernels chosen
+    times = {name: [] for name, _ in variants}
+    for _ in range(args.repeats):
+        for name, m in variants:  # interleaved
+            times[name].append(run(m))
+    base = statistics.median(times["uncached"])
+    print(f"{steps} steps, cfg 1, latent {list(latent_shape)}; median of {args.repeats} runs, interleaved")
+    print(f"{'variant':<10} {'s/step':>9} {'overhead':>9}")
+    for name, _ in variants:
+        t = statistics.median(times[name])
+        print(f"{name:<10} {t:>9.4f} {100 * (t / base - 1):>8.2f}%")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/root/ComfyUI"))
-    parser.add_argument("--digits", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--digits", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "cache_curve.png"))
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--small", action="store_true")

@@ -1,0 +1,108 @@
+"""#6 in the real host: FastGen Cache on the embedded teacher and a tiny random Wan through the stock
+KSampler, after the core LoRA loader, and FastGen Calibrate Cache for few-step schedules."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from prompts import images, teacher_prompt
+from test_students_nodes import run_latent
+
+POLICIES = ["step", "block", "chunk"]
+
+
+def cache_node(model_link, policy, threshold, **extra):
+    return {"class_type": "FastGenCache",
+            "inputs": {"model": model_link, "policy": policy, "threshold": threshold, "start": 0.0, "end": 1.0, **extra}}
+
+
+def logged(comfy, run):
+    """Run `run()` and return (its result, what the server logged meanwhile)."""
+    before = len(comfy.log())
+    result = run()
+    return result, comfy.log()[before:]
+
+
+def cached_teacher(object_info, policy, threshold, steps=12, lora=False):
+    prompt, ids = teacher_prompt(object_info, seed=3, digits="37", batch_size=2, steps=steps)
+    model = [ids["FastGenLoadModel"], 0]
+    if lora:
+        prompt["100"] = {"class_type": "LoraLoaderModelOnly",
+                         "inputs": {"model": model, "lora_name": "digit_test_lora.safetensors", "strength_model": 1.0}}
+        model = ["100", 0]
+    if policy is not None:
+        prompt["101"] = cache_node(model, policy, threshold)
+        model = ["101", 0]
+    prompt[ids["KSampler"]]["inputs"]["model"] = model
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def teacher_reference(comfy, object_info):
+    return images(comfy, cached_teacher(object_info, None, 0.0))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_policy_on_the_embedded_teacher(comfy, object_info, teacher_reference, policy):
+    exact = images(comfy, cached_teacher(object_info, policy, 0.0))
+    np.testing.assert_array_equal(exact, teacher_reference)
+    fast, log = logged(comfy, lambda: images(comfy, cached_teacher(object_info, policy, 0.5)))
+    assert "FastGen Cache: skipped" in log and "measured speedup" in log
+    summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
+    skipped = summary.split("skipped ")[1]
+    assert not skipped.startswith("0/12 model calls;") and "0/72 blocks" not in skipped, summary
+    assert np.isfinite(fast).all() and np.abs(fast - teacher_reference).mean() < 0.1
+
+
+def wan_graph(model_nodes, model_link, steps=12, cfg=3.0):
+    prompt = dict(model_nodes)
+    prompt["c1"] = {"class_type": "FastGenTestConditioning", "inputs": {"seed": 0, "tokens": 8, "width": 4096}}
+    prompt["c2"] = {"class_type": "FastGenTestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 4096}}
+    prompt["l"] = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}}
+    prompt["s"] = {"class_type": "KSampler", "inputs": {
+        "model": model_link, "seed": 3, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["c1", 0], "negative": ["c2", 0], "latent_image": ["l", 0], "denoise": 1.0}}
+    prompt["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": "latents/cache"}}
+    return prompt
+
+
+WAN = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}}}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_policy_on_a_tiny_wan(comfy, policy):
+    reference, _ = run_latent(comfy, wan_graph(WAN, ["m", 0]))
+    exact, _ = run_latent(comfy, wan_graph({**WAN, "c": cache_node(["m", 0], policy, 0.0)}, ["c", 0]))
+    torch.testing.assert_close(exact, reference, rtol=0, atol=0)
+    (fast, _), log = logged(comfy, lambda: run_latent(comfy, wan_graph({**WAN, "c": cache_node(["m", 0], policy, 2.0)}, ["c", 0])))
+    summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
+    assert torch.isfinite(fast).all() and not torch.equal(fast, reference), summary
+    assert "skipped 0/12 model calls;" not in summary or "0/24 blocks" not in summary
+
+
+def test_cache_composes_with_the_core_lora_loader(comfy, object_info, teacher_reference):
+    lora_only = images(comfy, cached_teacher(object_info, None, 0.0, lora=True))
+    assert np.abs(lora_only - teacher_reference).mean() > 0.01  # the LoRA acts
+    for policy in ("step", "block"):
+        np.testing.assert_array_equal(images(comfy, cached_teacher(object_info, policy, 0.0, lora=True)), lora_only)
+    cached = images(comfy, cached_teacher(object_info, "step", 0.5, lora=True))
+    assert np.abs(cached - lora_only).mean() < np.abs(cached - teacher_reference).mean()  # still the LoRA's images
+
+
+def test_few_steps_are_uncached_unless_calibrated(comfy, object_info):
+    plain = cached_teacher(object_info, "step", 0.5, steps=4)
+    _, log = logged(comfy, lambda: images(comfy, plain))
+    assert "caching is off" in log and "Calibrate Cache" in log
+    calibrated = copy.deepcopy(plain)
+    ids = {v["class_type"]: k for k, v in calibrated.items()}
+    sampler = calibrated[ids["KSampler"]]["inputs"]
+    calibrated["99"] = {"class_type": "FastGenCalibrateCache", "inputs": {
+        "model": calibrated["101"]["inputs"]["model"], "positive": sampler["positive"], "negative": sampler["negative"],
+        "latent_image": sampler["latent_image"], "seed": 3, "steps": 4, "cfg": sampler["cfg"],
+        "sampler_name": sampler["sampler_name"], "scheduler": sampler["scheduler"]}}
+    calibrated["101"]["inputs"]["model"] = ["99", 0]
+    entry, log = logged(comfy, lambda: comfy.run_prompt(calibrated))
+    assert "calibrated profile" in log and "caching is off" not in log
+    text = "\n".join(entry["outputs"]["99"]["text"])
+    assert "4 steps, relative output change per step" in text
