@@ -43,11 +43,12 @@ from fastgen_core.train import TEACHER_PATH  # noqa: E402
 STEPS, CFG, SEED = 32, 3.0, 0
 EASYCACHE_THRESHOLDS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 OUR_SWEEP = {
-    "step": [0.02, 0.05, 0.1, 0.2],
+    "step": [0.01, 0.02, 0.03, 0.05, 0.1, 0.2],
     "block": [0.05, 0.1, 0.2, 0.4],
     "chunk": [0.1, 0.2, 0.4],
 }
-PROFILE_SWEEP = [0.1, 0.2, 0.3]  # the step policy deciding from a calibration profile (another seed)
+PROFILE_SWEEP = [0.02, 0.05, 0.1, 0.2]
+STEP_MAX_SKIPS = 6  # the step policy's sweep lets up to 6 skips in a row (node default 4)  # the step policy deciding from a calibration profile (another seed)
 
 
 def load_host(comfyui: str, cpu: bool = True):
@@ -143,11 +144,12 @@ def compare(args):
     methods += [(f"EasyCache {t:g}", easycache_model(host, model, t)) for t in EASYCACHE_THRESHOLDS]
     for policy, thresholds in OUR_SWEEP.items():
         for t in thresholds:
-            config = core_cache.CacheConfig(policy=policy, threshold=t)
+            config = core_cache.CacheConfig(policy=policy, threshold=t, max_skips=STEP_MAX_SKIPS if policy == "step" else 4)
             methods.append((f"{policy} {t:g}", host.cache.apply_cache(model, config)))
     profiled = calibrated(host, model, positive, negative, args.digits)
     for t in PROFILE_SWEEP:
-        methods.append((f"step+profile {t:g}", host.cache.apply_cache(profiled, core_cache.CacheConfig(policy="step", threshold=t))))
+        methods.append((f"step+profile {t:g}", host.cache.apply_cache(profiled, core_cache.CacheConfig(policy="step", threshold=t,
+                                                                                                  max_skips=STEP_MAX_SKIPS))))
 
     times = {name: [] for name, _ in methods}
     walls = {name: [] for name, _ in methods}

@@ -48,7 +48,7 @@ class CacheConfig:
     threshold: float = 0.1
     start: float = 0.0
     end: float = 1.0
-    max_skips: int = 3
+    max_skips: int = 4
     chunk_tokens: int = 2  # chunk side, in tokens (patches), for the chunk policy
     chunk_frames: int = 1  # chunk depth, in latent frames (video), for the chunk policy
     extrapolate: bool = True  # step / block: first-order extrapolation in sigma instead of plain reuse
@@ -112,18 +112,26 @@ class ChangeProfile:
 
     sigmas: list[float]
     change: list[float]
+    curvature: list[float] | None = None  # relative error of the linear extrapolation from the two steps before
 
     def matches(self, sample_sigmas) -> bool:
         sigmas = [float(s) for s in sample_sigmas]
         return len(sigmas) == len(self.sigmas) and all(abs(a - b) <= PROFILE_TOLERANCE for a, b in zip(sigmas, self.sigmas))
 
     def to_json(self) -> str:
-        return json.dumps({"sigmas": self.sigmas, "change": [c if math.isfinite(c) else None for c in self.change]})
+        def finite(values):
+            return None if values is None else [c if math.isfinite(c) else None for c in values]
+
+        return json.dumps({"sigmas": self.sigmas, "change": finite(self.change), "curvature": finite(self.curvature)})
 
     @classmethod
     def from_json(cls, text: str) -> ChangeProfile:
         data = json.loads(text)
-        return cls([float(s) for s in data["sigmas"]], [math.inf if c is None else float(c) for c in data["change"]])
+
+        def floats(values):
+            return None if values is None else [math.inf if c is None else float(c) for c in values]
+
+        return cls([float(s) for s in data["sigmas"]], floats(data["change"]), floats(data.get("curvature")))
 
     def summary(self) -> str:
         shown = ", ".join("-" if not math.isfinite(c) else f"{c:.3f}" for c in self.change)
@@ -131,19 +139,26 @@ class ChangeProfile:
 
 
 class ProfileRecorder:
-    """Records the per-step output change of every stream during one uncached run; the profile
-    keeps, per step, the largest change over the streams (cond and uncond may differ)."""
+    """Records the per-step output change (and linear-extrapolation error) of every stream during
+    one uncached run; the profile keeps, per step, the largest value over the streams (cond and
+    uncond may differ)."""
 
     def __init__(self):
-        self.last: dict = {}
+        self.history: dict = {}
         self.change: dict[int, float] = {}
-        self.sigmas: list[float] = []
+        self.curvature: dict[int, float] = {}
 
-    def record(self, key, step: int, groups: int, output: torch.Tensor):
-        previous = self.last.get(key)
-        value = math.inf if previous is None or previous.shape != output.shape else per_sample_change(output, previous, groups)
-        self.change[step] = max(self.change.get(step, 0.0), value) if step in self.change else value
-        self.last[key] = output.detach().clone()
+    def record(self, key, step: int, groups: int, output: torch.Tensor, sigma: float | None = None):
+        history = [h for h in self.history.get(key, []) if h[1].shape == output.shape]
+        change = math.inf if not history else per_sample_change(output, history[-1][1], groups)
+        curvature = math.inf
+        if len(history) == 2 and sigma is not None:
+            reuse = Reuse(extrapolate=True)
+            reuse.points = list(history)
+            curvature = per_sample_change(reuse.predict(sigma), output, groups)
+        self.change[step] = max(self.change.get(step, 0.0), change)
+        self.curvature[step] = max(self.curvature.get(step, 0.0), curvature)
+        self.history[key] = (history + [(float(sigma) if sigma is not None else 0.0, output.detach().clone())])[-2:]
 
     def profile(self, sample_sigmas) -> ChangeProfile:
         sigmas = [float(s) for s in sample_sigmas]
@@ -151,7 +166,7 @@ class ProfileRecorder:
         missing = [i for i in range(steps) if i not in self.change]
         if missing:
             raise ValueError(f"calibration saw no model call at steps {missing}: the sampler skipped them")
-        return ChangeProfile(sigmas, [self.change[i] for i in range(steps)])
+        return ChangeProfile(sigmas, [self.change[i] for i in range(steps)], [self.curvature[i] for i in range(steps)])
 
 
 def caching_allowed(steps: int, profile: ChangeProfile | None) -> tuple[bool, str]:
@@ -252,21 +267,33 @@ class Reuse:
 
 
 class ErrorModel:
-    """Estimated relative change of a stream's output since its last computed step.
+    """Estimated relative error of reusing a stream's cached output at this step.
 
-    With a profile: the calibrated per-step changes summed over the steps since the last compute
-    (deterministic for a given schedule). Without: k * |x - x_ref| / |out_ref| with
-    k = |out - out_prev| / |x - x_prev| re-measured at every computed step (needs two computes)."""
+    With extrapolation (the default) the error of a skip is the error of the linear prediction,
+    which grows with the square of the gap: estimate = rate * g(g+1)/2 for a gap of g steps since
+    the last compute. The rate is measured, not guessed: at every computed step the prediction the
+    cache would have made is compared with the real output (per conditioning slice, worst one
+    counts). A calibration profile gives it per step instead (its `curvature`: the one-step
+    extrapolation error measured in the calibration run), summed as sum_k curvature[k] * (k - last).
 
-    def __init__(self, profile: ChangeProfile | None):
+    With plain reuse the error is the output's first-order change: from the profile, the
+    calibrated per-step changes summed since the last compute; online, k * |x - x_ref| / |out_ref|
+    with k = |out - out_prev| / |x - x_prev| re-measured at every computed step (EasyCache's model).
+    """
+
+    def __init__(self, profile: ChangeProfile | None, extrapolate: bool = False):
         self.profile = profile
+        self.extrapolate = extrapolate
         self.last_step: int | None = None
         self.x_ref = self.out_ref = None
         self.k: float | None = None
+        self.rate: float | None = None
 
     def estimate(self, step: int, x: torch.Tensor, groups: int) -> float:
         if self.last_step is None:
             return math.inf
+        if self.extrapolate:
+            return self._extrapolation_error(step)
         if self.profile is not None:
             return float(sum(self.profile.change[self.last_step + 1 : step + 1]))
         if self.k is None or self.x_ref.shape != x.shape:
@@ -274,11 +301,22 @@ class ErrorModel:
         input_change = per_sample_change(x, self.x_ref, groups) * _mean_abs(self.x_ref) / max(_mean_abs(self.out_ref), 1e-12)
         return self.k * input_change
 
-    def computed(self, step: int, x: torch.Tensor, out: torch.Tensor, groups: int):
+    def _extrapolation_error(self, step: int) -> float:
+        if self.profile is not None and self.profile.curvature is not None:
+            return float(sum(self.profile.curvature[k] * (k - self.last_step) for k in range(self.last_step + 1, step + 1)))
+        if self.rate is None:
+            return math.inf
+        gap = step - self.last_step
+        return self.rate * gap * (gap + 1) / 2
+
+    def computed(self, step: int, x: torch.Tensor, out: torch.Tensor, groups: int, predicted: torch.Tensor | None = None):
         if self.x_ref is not None and self.x_ref.shape == x.shape:
             dx = per_sample_change(x, self.x_ref, groups) * _mean_abs(self.x_ref)
             dout = per_sample_change(out, self.out_ref, groups) * _mean_abs(self.out_ref)
             self.k = dout / dx if dx > 0 else None
+        if predicted is not None and self.last_step is not None:
+            gap = step - self.last_step
+            self.rate = per_sample_change(predicted, out, groups) / (gap * (gap + 1) / 2)
         self.last_step = step
         self.x_ref, self.out_ref = x.detach().clone(), out.detach().clone()
 
@@ -296,7 +334,7 @@ class StepCacheState:
 
     def __init__(self, config: CacheConfig, profile: ChangeProfile | None, stats: CacheStats, groups: int = 1):
         self.config, self.stats, self.groups = config, stats, groups
-        self.error = ErrorModel(profile)
+        self.error = ErrorModel(profile, config.extrapolate)
         self.reuse = Reuse(config.extrapolate)
         self.consecutive = 0
 
@@ -314,7 +352,9 @@ class StepCacheState:
             return self.reuse.predict(sigma).to(x.dtype)
         out = compute()
         self.consecutive = 0
-        self.error.computed(step, x, out, self.groups)
+        # what a skip would have predicted here: measures the extrapolation error as it goes
+        predicted = self.reuse.predict(sigma) if self.reuse.extrapolate and len(self.reuse.points) == 2 and self.reuse.ready(out) else None
+        self.error.computed(step, x, out, self.groups, predicted)
         self.reuse.store(sigma, out)
         return out
 

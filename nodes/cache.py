@@ -195,9 +195,10 @@ def calibrate(model, sample):
         out = executor(*args, **kwargs)
         options = _transformer_options(args, kwargs)
         if options.get("sigmas") is not None and "sigmas" in seen:
-            step, _ = cache.step_index(float(options["sigmas"].reshape(-1)[0]), seen["sigmas"])
+            sigma = float(options["sigmas"].reshape(-1)[0])
+            step, _ = cache.step_index(sigma, seen["sigmas"])
             key, groups = _stream_key(options, args[0])
-            recorder.record(key, step, groups, out)
+            recorder.record(key, step, groups, out, sigma)
         return out
 
     m = model.clone()
@@ -234,7 +235,7 @@ class FastGenCache(io.ComfyNode):
                                tooltip="Fraction of the steps before which nothing is skipped (the first step never is)."),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps after which nothing is skipped (the last step never is)."),
-                io.Int.Input("max_skips", default=3, min=1, max=16, optional=True,
+                io.Int.Input("max_skips", default=4, min=1, max=16, optional=True,
                              tooltip="At most this many skips in a row (per chunk for the chunk policy)."),
                 io.Int.Input("chunk_tokens", default=2, min=1, max=64, optional=True,
                              tooltip="chunk policy: chunk side in tokens (patches); smaller chunks isolate moving regions "
@@ -252,7 +253,7 @@ class FastGenCache(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, policy: str, threshold: float, start: float, end: float, max_skips: int = 3,
+    def execute(cls, model, policy: str, threshold: float, start: float, end: float, max_skips: int = 4,
                 chunk_tokens: int = 2, chunk_frames: int = 1) -> io.NodeOutput:
         config = cache.CacheConfig(policy=policy, threshold=threshold, start=start, end=end, max_skips=max_skips,
                                    chunk_tokens=chunk_tokens, chunk_frames=chunk_frames)

@@ -234,7 +234,7 @@ def embedded_teacher_cache() -> Graph:
     model calls at a PSNR of ~44 dB against the uncached images (benchmarks/RESULTS.md)."""
     g = Graph()
     model, cond, latent = digit_inputs(g)
-    cached = g.node("FastGenCache", ["step", 0.05, 0.0, 1.0, 3, 2, 1], inputs=[("model", "MODEL")],
+    cached = g.node("FastGenCache", ["step", 0.05, 0.0, 1.0, 4, 2, 1], inputs=[("model", "MODEL")],
                     outputs=[("MODEL", "MODEL")], pos=(420, 60), size=(300, 250))
     g.link(model, 0, cached, "model")
     sampler = g.node(
