@@ -230,7 +230,7 @@ def plot(rows, path):
         draw.line([margin - 5, py, margin, py], fill="black")
         draw.text((8, py - 6), f"{y:.0f}", fill="black")
     draw.text((w // 2 - 110, h - 22), "speedup vs uncached (CPU time of the run)", fill="black")
-    draw.text((8, 20), "PSNR vs uncached (dB)", fill="black")
+    draw.text((8, 20), "PSNR vs uncached (dB; identical images drawn at 60)", fill="black")
     draw.text((margin + 10, 8), f"embedded teacher, euler {STEPS} steps, cfg {CFG:g}: EasyCache vs FastGen Cache", fill="black")
     for k, (family, points) in enumerate(families.items()):
         color = colors.get(family, (0, 0, 0))
