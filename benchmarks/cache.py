@@ -47,8 +47,8 @@ OUR_SWEEP = {
     "block": [0.05, 0.1, 0.2, 0.4],
     "chunk": [0.1, 0.2, 0.4],
 }
-PROFILE_SWEEP = [0.02, 0.05, 0.1, 0.2]
-STEP_MAX_SKIPS = 6  # the step policy's sweep lets up to 6 skips in a row (node default 4)  # the step policy deciding from a calibration profile (another seed)
+PROFILE_SWEEP = [0.02, 0.05, 0.1, 0.2]  # the step policy deciding from a calibration profile (another seed)
+STEP_MAX_SKIPS = 6  # the step policy's sweep lets up to 6 skips in a row (node default 4)
 
 
 def load_host(comfyui: str, cpu: bool = True):
@@ -66,10 +66,10 @@ def load_host(comfyui: str, cpu: bool = True):
     sys.modules["fastgen_pack"] = pack
     spec.loader.exec_module(pack)
     import comfy_extras.nodes_easycache as easycache
-    import nodes as host_nodes
-
     from fastgen_pack.nodes import cache as cache_nodes
     from fastgen_pack.nodes.adapters.embedded import load_digit_model
+
+    import nodes as host_nodes
 
     fix_easycache_batching(easycache)
     return types.SimpleNamespace(nodes=host_nodes, easycache=easycache, cache=cache_nodes, load_digit_model=load_digit_model)
@@ -188,7 +188,8 @@ def print_table(rows):
     for r in rows:
         skips = f"{r['calls_skipped']}/{STEPS}"
         work = f"{r['work_speedup']:.2f}x" if r["work_speedup"] else "?"
-        print(f"{r['method']:<17} {r['seconds']:>7.2f} {r['speedup']:>7.2f}x {r['wall_seconds']:>7.2f} {r['wall_speedup']:>6.2f}x {work:>7} "
+        print(f"{r['method']:<17} {r['seconds']:>7.2f} {r['speedup']:>7.2f}x {r['wall_seconds']:>7.2f} "
+              f"{r['wall_speedup']:>6.2f}x {work:>7} "
               f"{r['psnr']:>8.2f} {100 * r['accuracy']:>8.1f}% "
               f"{skips:>14} {100 * r['block_work_skipped']:>18.0f}%")
 

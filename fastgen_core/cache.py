@@ -98,7 +98,7 @@ def relative_change(new: torch.Tensor, ref: torch.Tensor, dims=None) -> torch.Te
 def per_sample_change(new: torch.Tensor, ref: torch.Tensor, groups: int) -> float:
     """The largest relative change over `groups` equal batch slices (cond / uncond chunks): a call
     is only as skippable as its most-changed conditioning."""
-    changes = [relative_change(n, r) for n, r in zip(new.chunk(groups), ref.chunk(groups))]
+    changes = [relative_change(n, r) for n, r in zip(new.chunk(groups), ref.chunk(groups), strict=True)]
     return float(max(changes))
 
 
@@ -116,7 +116,7 @@ class ChangeProfile:
 
     def matches(self, sample_sigmas) -> bool:
         sigmas = [float(s) for s in sample_sigmas]
-        return len(sigmas) == len(self.sigmas) and all(abs(a - b) <= PROFILE_TOLERANCE for a, b in zip(sigmas, self.sigmas))
+        return len(sigmas) == len(self.sigmas) and all(abs(a - b) <= PROFILE_TOLERANCE for a, b in zip(sigmas, self.sigmas, strict=True))
 
     def to_json(self) -> str:
         def finite(values):

@@ -107,7 +107,7 @@ def test_step_cache_with_a_profile_follows_it_and_max_skips():
     x = torch.ones(1, 4)
     for step in range(10):
         skipped_before = run.stats.steps_skipped
-        state.run(x, sigmas[step], step, 10, lambda: x * step)
+        state.run(x, sigmas[step], step, 10, lambda step=step: x * step)
         decisions.append(run.stats.steps_skipped > skipped_before)
     # steps 0, 1 compute (nothing cached, large change); 2-3 skip, 4 (max_skips 2) computes;
     # 5-6 skip; 7 computes (max); 8 changes by 0.5: compute; 9 is the last step
