@@ -505,6 +505,40 @@ class BlockCacheState:
             self.consecutive = (self.consecutive or 0) + 1 if skipped_all else 0
 
 
+class DeepCacheState:
+    """One stream's deep-feature cache for U-Nets (DeepCache-like): the shallowest input block
+    always runs; when its output moved less than the threshold since the last full call, the deep
+    part (the other input blocks, the middle, all output blocks but the last) is skipped and the
+    feature that entered the last output block is reused (extrapolated in sigma like the step
+    policy's output)."""
+
+    def __init__(self, config: CacheConfig, profile: ChangeProfile | None, stats: CacheStats, groups: int = 1):
+        self.config, self.profile, self.stats, self.groups = config, profile, stats, groups
+        self.deep = Reuse(config.extrapolate)
+        self.shallow_ref = None
+        self.consecutive = 0
+
+    def should_skip(self, shallow: torch.Tensor, step: int, steps: int) -> bool:
+        if not in_window(step, steps, self.config) or self.consecutive >= self.config.max_skips:
+            return False
+        if self.profile is not None and self.profile.change[step] >= self.config.threshold:
+            return False
+        if self.shallow_ref is None or self.shallow_ref.shape != shallow.shape or not self.deep.points:
+            return False
+        return per_sample_change(shallow, self.shallow_ref, self.groups) < self.config.threshold
+
+    def skipped(self, blocks: int, run_blocks: int):
+        self.consecutive += 1
+        self.stats.blocks += blocks
+        self.stats.blocks_skipped += blocks - run_blocks
+
+    def computed(self, sigma: float, shallow: torch.Tensor, deep: torch.Tensor, blocks: int):
+        self.consecutive = 0
+        self.stats.blocks += blocks
+        self.shallow_ref = shallow.detach().clone()
+        self.deep.store(sigma, deep)
+
+
 def run_block_chain(state: BlockCacheState, h: torch.Tensor, blocks) -> torch.Tensor:
     """Drive a plain list of blocks `block(h) -> h` (all tokens per-token independent of position
     arguments) through a block / chunk cache state, as the host's block replacement does."""
@@ -541,11 +575,13 @@ class CacheRun:
         self.stats = CacheStats()
         self.streams: dict = {}
 
-    def stream(self, key, groups: int = 1):
+    def stream(self, key, groups: int = 1, kind: str = "blocks"):
         state = self.streams.get(key)
         if state is None:
             if self.config.policy == "step":
                 state = StepCacheState(self.config, self.profile, self.stats, groups)
+            elif kind == "unet":
+                state = DeepCacheState(self.config, self.profile, self.stats, groups)
             else:
                 state = BlockCacheState(self.config, self.profile, self.stats, groups)
             self.streams[key] = state

@@ -66,7 +66,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options["transformer_options"]
     run = cache.CacheRun(options[SETTINGS_KEY], args[3], guider.model_options.get(PROFILE_OPTION))
-    run.adapter, run.current = None, None
+    run.adapter, run.current, run.capture = None, None, None
     options[RUN_KEY] = run
     _announce(run)
     try:
@@ -100,20 +100,58 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     sigma = float(sigmas.reshape(-1)[0])
     step, steps = run.step_of(sigma)
     key, groups = _stream_key(options, x)
-    state = run.stream(key, groups)
+    if run.config.policy != "step" and run.adapter is None:
+        run.adapter = adapter_for(executor.class_obj)
+    kind = getattr(run.adapter, "kind", "blocks")
+    state = run.stream(key, groups, kind)
     with cache.Timer(_sync) as timer:
         if run.config.policy == "step":
             out = state.run(x, sigma, step, steps, lambda: executor(*args, **kwargs))
             full = state.consecutive == 0
+        elif kind == "unet":
+            out, full = _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma)
         else:
             out, full = _run_blocks(run, state, executor, args, kwargs, x, step, steps, sigma)
     run.stats.add_call(timer.seconds, full)
     return out
 
 
+def _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma):
+    """DeepCache-like: (output, computed everything?). UNetModel._forward's arguments are
+    (x, timesteps, context, y, control, transformer_options)."""
+    adapter = run.adapter
+    names = ("x", "timesteps", "context", "y", "control", "transformer_options")
+    call = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
+    if call.get("control") is not None:  # ControlNet residuals enter every block: no shortcut
+        return executor(*args, **kwargs), True
+    extra = {k: v for k, v in kwargs.items() if k not in names}
+    options = call["transformer_options"]
+    shallow, emb = adapter.shallow(x, call["timesteps"], call.get("context"), call.get("y"), options, extra)
+    if state.should_skip(shallow, step, steps):
+        deep = state.deep.predict(sigma).to(shallow.dtype)
+        state.skipped(adapter.block_count(), 2)
+        return adapter.finish(x, shallow, deep, emb, call.get("context"), options, extra), False
+    run.capture = {}
+    try:
+        out = executor(*args, **kwargs)
+        deep = run.capture.get("deep")
+    finally:
+        run.capture = None
+    if deep is not None:
+        state.computed(sigma, shallow, deep, adapter.block_count())
+    return out, True
+
+
+def deep_feature_patch(h, hsp, transformer_options):
+    """Output-block patch: keeps the feature entering the U-Net's last output block (full calls)."""
+    run = transformer_options.get(RUN_KEY)
+    capture = getattr(run, "capture", None)
+    if capture is not None and transformer_options.get("block") == ("output", run.adapter.last_output_block()):
+        capture["deep"] = h.detach().clone()
+    return h, hsp
+
+
 def _run_blocks(run, state, executor, args, kwargs, x, step, steps, sigma):
-    if run.adapter is None:
-        run.adapter = adapter_for(executor.class_obj)
     adapter = run.adapter
     timestep = args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None
     grid = adapter.grid(x, timestep, kwargs) if run.config.policy == "chunk" and adapter.supports_chunks else None
@@ -166,10 +204,14 @@ def apply_cache(model, config: cache.CacheConfig):
         diffusion_model = m.get_model_object("diffusion_model")
         adapter = adapter_for(diffusion_model)
         if adapter is None:
-            raise ValueError(f"FastGen Cache: the {config.policy} policy needs a block adapter (embedded DiT, Wan, Flux); "
+            raise ValueError(f"FastGen Cache: the {config.policy} policy needs a block adapter (embedded DiT, Wan, Flux, "
+                             f"SD-family UNet); "
                              f"{type(diffusion_model).__name__} has none yet. Use the step policy on this model.")
         if config.policy == "chunk" and not adapter.supports_chunks:
             raise ValueError(f"FastGen Cache: the chunk policy does not support {adapter.name} yet; use block or step.")
+        if adapter.kind == "unet":
+            m.set_model_output_block_patch(deep_feature_patch)
+            return m
         chain = adapter.chain()
         if len(chain) < 2:
             raise ValueError("FastGen Cache: the block policies need a model with at least two blocks")

@@ -183,3 +183,22 @@ def test_block_cache_on_a_tiny_flux_through_the_hosts_block_loop():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["chain"] == 4 and out["exact"], out
     assert out["blocks_skipped"] > 0 and out["finite"] and out["differs"], out
+
+
+def test_deep_cache_on_a_tiny_sd15_unet(comfy):
+    """The block policy on an SD-family U-Net (DeepCache-like: shallow path on skipped calls)."""
+    sd15 = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd15.safetensors", "weight_dtype": "default"}}}
+
+    def graph(model_nodes, link):
+        prompt = wan_graph(model_nodes, link)
+        prompt["c1"]["inputs"]["width"] = prompt["c2"]["inputs"]["width"] = 768
+        prompt["l"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+        return prompt
+
+    reference, _ = run_latent(comfy, graph(sd15, ["m", 0]))
+    exact, _ = run_latent(comfy, graph({**sd15, "c": cache_node(["m", 0], "block", 0.0)}, ["c", 0]))
+    torch.testing.assert_close(exact, reference, rtol=0, atol=0)
+    (fast, _), log = logged(comfy, lambda: run_latent(comfy, graph({**sd15, "c": cache_node(["m", 0], "block", 0.5)}, ["c", 0])))
+    summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
+    assert "/60 blocks" in summary and " 0/60 blocks" not in summary, summary
+    assert torch.isfinite(fast).all() and not torch.equal(fast, reference)
