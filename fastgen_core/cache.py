@@ -12,7 +12,8 @@ call pattern, e.g. the cond+uncond batch of CFG: its state never mixes with anot
   the slow drift of the velocity far better than plain reuse.
 - **block**: the first block always runs; when its residual moved less than the threshold since
   the last computed step, the remaining blocks are skipped and their cached residual is added
-  (First Block Cache). Works on any block chain through `BlockCacheState.first / middle / last`.
+  (First Block Cache). Works on any block chain through `BlockCacheState.first / middle / last`;
+  on U-Nets `DeepCacheState` reuses the deep feature under the shallowest blocks (DeepCache).
 - **chunk**: the latent's tokens are grouped in spatial (and temporal) chunks; after the first
   block, only the chunks whose first-block residual moved beyond the threshold run through the
   remaining blocks (gathered as a shorter sequence); the others take their cached residual. With
@@ -35,7 +36,8 @@ import torch
 
 POLICIES = {
     "step": "skip whole model calls (output extrapolated from the last computed ones)",
-    "block": "always run the first block; skip the rest when its residual barely moved (First Block Cache)",
+    "block": "always run the first block; skip the rest when its residual barely moved (First Block Cache; "
+             "DeepCache-like on SD-family UNets)",
     "chunk": "run the remaining blocks only on the spatial/temporal chunks whose first-block residual moved",
 }
 FEW_STEPS = 8  # at or below this many steps, caching needs a calibration profile
