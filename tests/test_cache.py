@@ -161,3 +161,36 @@ def test_bad_settings_are_refused():
         cache.CacheConfig(policy="teacache")
     with pytest.raises(ValueError, match="start <= end"):
         cache.CacheConfig(start=0.8, end=0.2)
+
+
+def test_step_cache_extrapolation_is_exact_on_a_linear_trajectory_and_measures_its_error():
+    """An output linear in sigma is predicted exactly; the measured extrapolation error is 0, so
+    every allowed step is skipped (up to max_skips) and the outputs stay exact."""
+    steps = 12
+    sigmas = torch.linspace(1, 0, steps + 1)
+    a, b = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))
+    run = cache.CacheRun(cache.CacheConfig(threshold=1e-3, max_skips=3), sigmas)
+    state = run.stream("cond")
+    calls = []
+    for step in range(steps):
+        sigma = float(sigmas[step])
+        out = state.run(torch.full((1, 3), sigma), sigma, step, steps, lambda sigma=sigma: calls.append(sigma) or a + b * sigma)
+        torch.testing.assert_close(out, a + b * sigma, rtol=0, atol=1e-5)
+    # steps 0-2 compute (the error rate needs a prediction to check it against), 3-5 skip, 6
+    # computes (max_skips), 7-9 skip, 10 computes, 11 is the last step
+    assert run.stats.steps_skipped == 6 and len(calls) == 6
+
+
+def test_deep_cache_state_skips_on_small_shallow_change_only():
+    config = cache.CacheConfig(policy="block", threshold=0.1, max_skips=2)
+    run = cache.CacheRun(config, torch.linspace(1, 0, 11))
+    state = run.stream("cond", kind="unet")
+    shallow = torch.ones(1, 4, 2, 2)
+    state.computed(0.9, shallow, torch.zeros(1, 8, 2, 2), blocks=5)
+    assert state.should_skip(shallow * 1.05, step=2, steps=10)
+    assert not state.should_skip(shallow * 1.5, step=2, steps=10)  # moved too much
+    assert not state.should_skip(shallow, step=9, steps=10)  # the last step
+    state.skipped(5, 2)
+    state.skipped(5, 2)
+    assert not state.should_skip(shallow, step=4, steps=10)  # max_skips reached
+    assert run.stats.blocks_skipped == 6 and run.stats.blocks == 15
