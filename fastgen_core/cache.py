@@ -53,6 +53,7 @@ class CacheConfig:
     max_skips: int = 4
     chunk_tokens: int = 2  # chunk side, in tokens (patches), for the chunk policy
     chunk_frames: int = 1  # chunk depth, in latent frames (video), for the chunk policy
+    chunk_context: int = 1  # chunk policy: neighbouring chunks (this many around) run too, as context
     extrapolate: bool = True  # step / block: first-order extrapolation in sigma instead of plain reuse
 
     def __post_init__(self):
@@ -62,7 +63,7 @@ class CacheConfig:
             raise ValueError(f"cache threshold must be >= 0, got {self.threshold}")
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"cache window needs 0 <= start <= end <= 1, got start {self.start}, end {self.end}")
-        if self.max_skips < 1 or self.chunk_tokens < 1 or self.chunk_frames < 1:
+        if self.max_skips < 1 or self.chunk_tokens < 1 or self.chunk_frames < 1 or self.chunk_context < 0:
             raise ValueError("max_skips, chunk_tokens and chunk_frames must be >= 1")
 
 
@@ -439,7 +440,21 @@ class BlockCacheState:
         elif skip.any():
             self.mode = "partial"
             self.skip_chunks = skip
-            self.index = torch.nonzero(~skip.to(ids.device)[ids]).reshape(-1)
+            changed = ~skip
+            # the chunks around the changed ones run too, as attention context, but keep their cache
+            run_chunks = self._dilate(changed) if self.config.chunk_context else changed
+            self.index = torch.nonzero(run_chunks.to(ids.device)[ids]).reshape(-1)
+            self.keep = torch.nonzero(changed.to(ids.device)[ids]).reshape(-1)
+            self.run_chunks = run_chunks.cpu()
+
+    def _dilate(self, chunks: torch.Tensor) -> torch.Tensor:
+        """Chunks within `chunk_context` chunks (in frames, rows, columns) of a marked one."""
+        t, h, w = self.grid
+        c, f = self.config.chunk_tokens, self.config.chunk_frames
+        shape = (-(-t // f), -(-h // c), -(-w // c))
+        r = self.config.chunk_context
+        grown = torch.nn.functional.max_pool3d(chunks.float().reshape(1, 1, *shape), 2 * r + 1, stride=1, padding=r)
+        return grown.reshape(-1) > 0
 
     def middle(self, h: torch.Tensor, run) -> torch.Tensor:
         if self.mode == "skip":
@@ -459,12 +474,12 @@ class BlockCacheState:
         if self.mode == "partial":
             # skipped chunks: first-block state + their cached residual; run chunks: fresh residual
             predicted = self.base + self.residual.predict(self.sigma).to(h.dtype)
-            keep = self.index
+            keep = self.keep
             out = predicted.index_copy(1, keep, out.index_select(1, keep))
             fresh = self.residual.points[-1][1].clone() if self.residual.points else out - self.base
             fresh.index_copy_(1, keep, (out - self.base).index_select(1, keep))
             ref = self.first_ref.clone()
-            ref.index_copy_(1, self.index, self.res_first.index_select(1, self.index))
+            ref.index_copy_(1, keep, self.res_first.index_select(1, keep))
             self._store(fresh, ref, keep_history=True)
         else:
             self._store(out - self.base, self.res_first, keep_history=False)
@@ -492,8 +507,8 @@ class BlockCacheState:
         self.stats.chunks += self.count * blocks
         if skipped_all:
             self.stats.chunks_skipped += self.count * blocks
-        elif self.mode == "partial":
-            self.stats.chunks_skipped += int(self.skip_chunks.sum()) * blocks
+        elif self.mode == "partial":  # context chunks ran: only the chunks not run count as skipped
+            self.stats.chunks_skipped += int((~self.run_chunks).sum()) * blocks
 
     def _bump_consecutive(self, skipped_all: bool):
         if torch.is_tensor(self.consecutive):

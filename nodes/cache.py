@@ -284,6 +284,9 @@ class FastGenCache(io.ComfyNode):
                              "better but see less context when recomputed alone."),
                 io.Int.Input("chunk_frames", default=1, min=1, max=64, optional=True,
                              tooltip="chunk policy: chunk depth in latent frames (video models)."),
+                io.Int.Input("chunk_context", default=1, min=0, max=8, optional=True,
+                             tooltip="chunk policy: the chunks this many around a changed one run too, as attention "
+                             "context (their cached output is kept). 0 runs only the changed chunks (fastest, least faithful)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the cache attached.")],
         )
@@ -296,9 +299,9 @@ class FastGenCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, policy: str, threshold: float, start: float, end: float, max_skips: int = 4,
-                chunk_tokens: int = 2, chunk_frames: int = 1) -> io.NodeOutput:
+                chunk_tokens: int = 2, chunk_frames: int = 1, chunk_context: int = 1) -> io.NodeOutput:
         config = cache.CacheConfig(policy=policy, threshold=threshold, start=start, end=end, max_skips=max_skips,
-                                   chunk_tokens=chunk_tokens, chunk_frames=chunk_frames)
+                                   chunk_tokens=chunk_tokens, chunk_frames=chunk_frames, chunk_context=chunk_context)
         return io.NodeOutput(apply_cache(model, config))
 
 

@@ -136,7 +136,7 @@ def test_chunk_cache_skips_static_chunks_and_is_exact_for_tokenwise_blocks():
     torch.manual_seed(0)
     mlps = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4)]
     blocks = [lambda h, m=m: h + m(h) for m in mlps]
-    config = cache.CacheConfig(policy="chunk", threshold=1e-6, chunk_tokens=2, max_skips=100)
+    config = cache.CacheConfig(policy="chunk", threshold=1e-6, chunk_tokens=2, max_skips=100, chunk_context=0)
     steps = 10
     run = cache.CacheRun(config, torch.linspace(1, 0, steps + 1))
     state = run.stream("video")
