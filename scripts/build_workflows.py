@@ -230,8 +230,8 @@ def causal_video() -> Graph:
 
 
 def embedded_teacher_cache() -> Graph:
-    """The teacher at 32 steps behind FastGen Cache (step policy, threshold 0.05): about 2.5x fewer
-    model calls at a PSNR of ~44 dB against the uncached images (benchmarks/RESULTS.md)."""
+    """The teacher at 32 steps behind FastGen Cache (step policy, threshold 0.05): about 20 of the 32
+    model calls skipped, ~43 dB PSNR against the uncached images (see benchmarks/RESULTS.md)."""
     g = Graph()
     model, cond, latent = digit_inputs(g)
     cached = g.node("FastGenCache", ["step", 0.05, 0.0, 1.0, 4, 2, 1], inputs=[("model", "MODEL")],
