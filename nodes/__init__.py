@@ -1,5 +1,6 @@
 """ComfyUI nodes: thin adapters over fastgen_core, one module per capability."""
 
+from .cache import FastGenCache, FastGenCalibrateCache
 from .conditioning import FastGenDigitConditioning
 from .distill import FastGenDistillDMD
 from .hub import FastGenHubDownload
@@ -14,5 +15,5 @@ NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
     FastGenCausalVideoSampler, FastGenHubDownload, FastGenWorldSession, FastGenQuantizeModel, FastGenSaveQuantizedModel,
-    FastGenLoadQuantizedModel,
+    FastGenLoadQuantizedModel, FastGenCache, FastGenCalibrateCache,
 ]

@@ -55,8 +55,18 @@ class HostDigitDiT(DigitDiT):
                 f"[B, 1, {NUM_CLASS_TOKENS}]); it got {shape}. A text encoder's CONDITIONING does not fit this model."
             )
         tokens, c = self.embed(x, timestep, context.mean(dim=1))
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        # block replacement as the host's Wan and Flux loops offer it, so block-level patches
+        # (our block / chunk cache, anything using set_model_patch_replace) apply here too
+        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        for i, block in enumerate(self.blocks):
+            if ("double_block", i) in blocks_replace:
+                def block_wrap(args, block=block):
+                    return {"img": block(args["img"], args["vec"])}
+
+                args = {"img": tokens, "vec": c, "transformer_options": transformer_options}
+                tokens = blocks_replace[("double_block", i)](args, {"original_block": block_wrap})["img"]
+            else:
+                tokens = block(tokens, c)
         return self.head(tokens, c, x.shape[-2], x.shape[-1])
 
 
