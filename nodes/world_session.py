@@ -30,7 +30,6 @@ import torch
 from aiohttp import web
 from comfy_api.latest import io
 from PIL import Image
-from server import PromptServer
 
 from ..fastgen_core import checkpoint, data
 from ..fastgen_core.session import RateLimiter, WorldSession
@@ -78,6 +77,16 @@ class Sessions:
 
 
 SESSIONS = Sessions()
+
+
+def prompt_server():
+    """The running host's PromptServer, or None where the pack is imported without one (tools that
+    load the node classes only): then there are no routes and the node says so."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
 _models: dict[tuple[str, float], object] = {}
 
 
@@ -152,7 +161,9 @@ class FastGenWorldSession(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, world_seed, steps, window_frames, sink_frames, max_fps, idle_seconds, seed) -> io.NodeOutput:
-        server = PromptServer.instance
+        server = prompt_server()
+        if server is None:
+            raise RuntimeError("FastGen World Session needs ComfyUI's server (its websocket and routes)")
         client_id = server.client_id
         if not client_id:
             raise ValueError("FastGen World Session streams to the page that queued it: queue it from ComfyUI's page "
@@ -225,10 +236,6 @@ def _session(body_or_query) -> tuple[WorldSession, RateLimiter]:
     return found[0], found[2]
 
 
-routes = PromptServer.instance.routes
-
-
-@routes.post("/fastgen/world/action")
 async def world_action(request):
     body = await _body(request)
     live, limiter = _session(body)
@@ -241,7 +248,6 @@ async def world_action(request):
     return web.json_response({"ok": True, "status": live.status()})
 
 
-@routes.post("/fastgen/world/reset")
 async def world_reset(request):
     live, limiter = _session(await _body(request))
     if not limiter.allow():
@@ -250,14 +256,25 @@ async def world_reset(request):
     return web.json_response({"ok": True, "status": live.status()})
 
 
-@routes.post("/fastgen/world/stop")
 async def world_stop(request):
     live, _ = _session(await _body(request))
     live.stop("stopped from the page", wait=0)
     return web.json_response({"ok": True})
 
 
-@routes.get("/fastgen/world/status")
 async def world_status(request):
     live, _ = _session(request.query)
     return web.json_response(live.status())
+
+
+def register_routes(server) -> bool:
+    if server is None or not hasattr(server, "routes"):
+        return False
+    server.routes.post("/fastgen/world/action")(world_action)
+    server.routes.post("/fastgen/world/reset")(world_reset)
+    server.routes.post("/fastgen/world/stop")(world_stop)
+    server.routes.get("/fastgen/world/status")(world_status)
+    return True
+
+
+register_routes(prompt_server())
