@@ -195,6 +195,9 @@ def test_play_the_shipped_world_model_in_the_real_page(comfy):
         released = await browser.evaluate(f"{node_js}.fastgenWorld.remote.action")
         return reported, released, await browser.evaluate(f"{node_js}.fastgenWorld.framesDrawn") - drawn
 
+    comfy.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template dialog over the graph
+    comfy.post("/settings/Comfy.Minimap.Visible", False)
+
     async def play():
         browser = await Browser(width=1200, height=900).session()
         try:

@@ -39,7 +39,7 @@ class WorldCanvas {
     this.ctx = this.canvas.getContext("2d");
     this.ctx.imageSmoothingEnabled = false;
     this.info = document.createElement("div");
-    this.info.style.cssText = "font:11px monospace;color:#ccc;text-align:center;min-height:2.6em";
+    this.info.style.cssText = "font:11px monospace;color:#ccc;text-align:center;min-height:3.9em;line-height:1.3em";
     const buttons = document.createElement("div");
     buttons.style.cssText = "display:flex;gap:6px";
     for (const [label, action] of [["Start", () => this.start()], ["Reset", () => this.send("reset")], ["Stop", () => this.send("stop")]]) {
@@ -176,7 +176,7 @@ app.registerExtension({
       onNodeCreated?.apply(this, arguments);
       this.fastgenWorld = new WorldCanvas(this);
       const widget = this.addDOMWidget("world_canvas", "fastgen_world", this.fastgenWorld.root, { serialize: false });
-      widget.computeSize = (width) => [width, 64 * SCALE + 80];
+      widget.computeSize = (width) => [width, 64 * SCALE + 120];
       this.setSize([Math.max(this.size[0], 64 * SCALE + 40), this.computeSize()[1]]);
     };
     const onExecuted = nodeType.prototype.onExecuted;
