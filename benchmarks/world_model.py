@@ -101,7 +101,7 @@ def main(argv=None):
         truth, actions = truth.transpose(0, 1)[None], actions[None]
         generated = generate(net, recipe, truth, actions, args.window, args.sink, seed=episode)
         rows.append(per_frame(generated, truth, actions, chunk))
-    mse, frozen_mse, agree, _ = (torch.stack(r)[:, chunk:].mean(0) for r in zip(*rows))
+    mse, frozen_mse, agree, _ = (torch.stack(r)[:, chunk:].mean(0) for r in zip(*rows, strict=True))
     psnr, frozen = to_psnr(mse), to_psnr(frozen_mse)
     taken = torch.stack([data.game_episode(HELD_OUT_SEED + e, frames_needed)[1] for e in range(args.episodes)])[:, chunk:]
     still = torch.tensor([data.view_shift(a) == (0, 0) for a in taken.flatten().tolist()]).float().mean()

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..fastgen_core import checkpoint, data
 from ..fastgen_core.session import RateLimiter, WorldSession
-from .loaders import EMBEDDED_PREFIX, embedded_models, resolve_model_path, user_models
+from .loaders import embedded_models, resolve_model_path, user_models
 
 ARCH = "CausalWorldDiT"
 MAX_SESSIONS = 4  # whole server: each session holds a CPU/GPU worker

@@ -40,9 +40,9 @@ def host_files(tmp_path_factory):
 
 def world_model_file(folder):
     """A tiny random game world model (64x64 frames, 1 block): the World Session runs it fast."""
-    from fastgen_core import checkpoint, networks, train
-
     import torch
+
+    from fastgen_core import checkpoint, networks, train
 
     config = networks.CausalWorldDiTConfig(dim=32, depth=1, heads=2)
     net = networks.CausalWorldDiT(config).init_weights(3)
