@@ -39,6 +39,37 @@ def flow_matching_loss(net, x0, labels, generator=None):
     return F.mse_loss(v, noise - x0)
 
 
+def fit(net, batch_loss, name: str, minutes: float | None, steps: int | None, lr: float, warmup: int, ema_decay: float,
+        log=print, probe=None, probe_every: int = 500):
+    """The training loop the embedded models share: AdamW, linear warm-up then cosine decay over a
+    time budget (`minutes`) or a step count, gradient clipping, an EMA (returned, on the CPU).
+    `batch_loss()` draws a batch and returns its loss; `probe(ema) -> str` is logged every
+    `probe_every` steps. Returns (ema, steps done, seconds)."""
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start, step = time.time(), 0
+    while True:
+        progress = (time.time() - start) / (60 * minutes) if steps is None else step / steps
+        if progress >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+        if step % 100 == 0:
+            log(f"{name} step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f}s")
+        if probe is not None and step % probe_every == 0 and step:
+            log(f"{name} step {step:5d}  probe: {probe(ema.eval())}")
+        step += 1
+    return ema.eval().cpu(), step, time.time() - start
+
+
 def train_teacher(minutes: float | None = 18.0, steps: int | None = None, batch: int = 32, lr: float = 2e-3,
                   seed: int = 0, config: networks.DigitDiTConfig = networks.DigitDiTConfig(dim=128, depth=6, heads=4),
                   ema_decay: float = 0.999, warmup: int = 200, device: str = "cpu", log=print) -> networks.DigitDiT:
@@ -49,31 +80,16 @@ def train_teacher(minutes: float | None = 18.0, steps: int | None = None, batch:
     train = data.load_mnist("train")
     x_all = data.to_model_space(train.images).to(device)
     net = networks.DigitDiT(config).init_weights(seed).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start, step = time.time(), 0
-    while True:
-        progress = (time.time() - start) / (60 * minutes) if steps is None else step / steps
-        if progress >= 1.0:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def batch_loss():
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
         labels = train.labels[idx].clone()
         labels[torch.rand(batch, generator=gen) < 0.1] = networks.NULL_CLASS
-        loss = flow_matching_loss(net, x_all[idx.to(device)], labels, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-        if step % 100 == 0:
-            log(f"teacher step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f}s")
-        step += 1
-    log(f"teacher trained: {step} steps of {batch} in {time.time() - start:.0f}s")
-    return ema.eval().cpu()
+        return flow_matching_loss(net, x_all[idx.to(device)], labels, gen)
+
+    ema, done, seconds = fit(net, batch_loss, "teacher", minutes, steps, lr, warmup, ema_decay, log)
+    log(f"teacher trained: {done} steps of {batch} in {seconds:.0f}s")
+    return ema
 
 
 def digit_conditions(batch, generator):
@@ -212,34 +228,17 @@ def train_world(minutes: float | None = 10.0, steps: int | None = None, batch: i
     frames, actions = game_pool(episodes, episode_frames, seed)
     frames, actions = frames.to(device), actions.to(device)
     net = networks.CausalWorldDiT(config).init_weights(seed).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start, step = time.time(), 0
-    while True:
-        progress = (time.time() - start) / (60 * minutes) if steps is None else step / steps
-        if progress >= 1.0:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def batch_loss():
         rows = torch.randint(0, episodes, (batch,), generator=gen)
         offsets = torch.randint(0, episode_frames - clip_frames + 1, (batch,), generator=gen)
         window = offsets[:, None] + torch.arange(clip_frames)[None]
         x0 = frames[rows[:, None].to(device), :, window.to(device)].permute(0, 2, 1, 3, 4)
-        loss = world_loss(net, x0, actions[rows[:, None].to(device), window.to(device)], chunk_frames, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-        if step % 100 == 0:
-            log(f"world step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:.0f}s")
-        if probe is not None and step % probe_every == 0 and step:
-            log(f"world step {step:5d}  probe: {probe(ema.eval())}")
-        step += 1
-    log(f"world model trained: {step} steps of {batch} clips of {clip_frames} frames in {time.time() - start:.0f}s")
-    return ema.eval().cpu()
+        return world_loss(net, x0, actions[rows[:, None].to(device), window.to(device)], chunk_frames, gen)
+
+    ema, done, seconds = fit(net, batch_loss, "world", minutes, steps, lr, warmup, ema_decay, log, probe, probe_every)
+    log(f"world model trained: {done} steps of {batch} clips of {clip_frames} frames in {seconds:.0f}s")
+    return ema
 
 
 def main(argv=None):
