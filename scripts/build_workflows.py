@@ -59,6 +59,15 @@ def digit_inputs(g: Graph):
     return model, cond, latent
 
 
+def ksampler(g: Graph, steps: int, x: int) -> int:
+    """The stock KSampler as the digit workflows use it: seed 42 fixed, cfg 3, euler, simple."""
+    return g.node(
+        "KSampler", [42, "fixed", steps, 3.0, "euler", "simple", 1.0],
+        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        outputs=[("LATENT", "LATENT")], pos=(x, 60), size=(320, 270),
+    )
+
+
 def link_sampler(g: Graph, sampler: int, model: int, cond: int, latent: int):
     """A KSampler-like node fed by the shared front: the model, both conditionings, the latent."""
     g.link(model, 0, sampler, "model")
@@ -82,11 +91,7 @@ def embedded_teacher() -> Graph:
     """Load the embedded digit teacher -> condition on digits -> KSampler -> pixel decode -> save."""
     g = Graph()
     model, cond, latent = digit_inputs(g)
-    sampler = g.node(
-        "KSampler", [42, "fixed", 32, 3.0, "euler", "simple", 1.0],
-        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
-        outputs=[("LATENT", "LATENT")], pos=(420, 60), size=(320, 270),
-    )
+    sampler = ksampler(g, steps=32, x=420)
     link_sampler(g, sampler, model, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits", vae_pos=(420, 380), decode_x=800)
     return g
@@ -251,11 +256,7 @@ def quantize_model() -> Graph:
     g.link(model, 0, quant, "model")
     g.link(cond, 0, quant, "positive")
     g.link(latent, 0, quant, "latent")
-    sampler = g.node(
-        "KSampler", [42, "fixed", 16, 3.0, "euler", "simple", 1.0],
-        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
-        outputs=[("LATENT", "LATENT")], pos=(840, 60), size=(320, 270),
-    )
+    sampler = ksampler(g, steps=16, x=840)
     link_sampler(g, sampler, quant, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits_fp8", vae_pos=(840, 380), decode_x=1200)
     return g
@@ -269,11 +270,7 @@ def embedded_teacher_cache() -> Graph:
     cached = g.node("FastGenCache", ["step", 0.05, 0.0, 1.0, 4, 2, 1], inputs=[("model", "MODEL")],
                     outputs=[("MODEL", "MODEL")], pos=(420, 60), size=(300, 250))
     g.link(model, 0, cached, "model")
-    sampler = g.node(
-        "KSampler", [42, "fixed", 32, 3.0, "euler", "simple", 1.0],
-        inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
-        outputs=[("LATENT", "LATENT")], pos=(760, 60), size=(320, 270),
-    )
+    sampler = ksampler(g, steps=32, x=760)
     link_sampler(g, sampler, cached, cond, latent)
     pixel_decode_and_save(g, sampler, "fastgen/digits_cached", vae_pos=(760, 380), decode_x=1120)
     return g
