@@ -105,3 +105,26 @@ def runnable_here(prompt: dict) -> dict:
         if node["class_type"] in ("CLIPLoader", "VAELoader") and node_id not in used:
             del prompt[node_id]
     return prompt
+
+
+def run_latent(comfy, prompt):
+    """Run a prompt; (the saved latent, the history entry)."""
+    from safetensors.torch import load_file
+
+    entry = comfy.run_prompt(prompt)
+    [path] = [p for p in comfy.output_files(entry) if p.endswith(".latent")]
+    return load_file(path)["latent_tensor"], entry
+
+
+def node_text(entry, node_id):
+    """The text a node reported to the page after a run."""
+    return "\n".join(entry["outputs"].get(node_id, {}).get("text", []))
+
+
+def failure(comfy, prompt):
+    """Run a prompt that must fail; the error message."""
+    import pytest
+
+    with pytest.raises(AssertionError) as err:
+        comfy.run_prompt(prompt)
+    return str(err.value)

@@ -5,8 +5,7 @@ import copy
 
 import pytest
 import torch
-from prompts import teacher_prompt
-from safetensors.torch import load_file
+from prompts import failure, node_text, run_latent, teacher_prompt
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -41,21 +40,6 @@ def quantize(model_link, fmt="fp8", layers="", calibrate=False, **extra):
 def lora(model_link, name=LORA, strength=1.0):
     return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_link, "lora_name": name, "strength_model": strength}}
 
-
-def run_latent(comfy, prompt):
-    entry = comfy.run_prompt(prompt)
-    [path] = [p for p in comfy.output_files(entry) if p.endswith(".latent")]
-    return load_file(path)["latent_tensor"], entry
-
-
-def node_text(entry, node_id):
-    return "\n".join(entry["outputs"].get(node_id, {}).get("text", []))
-
-
-def failure(comfy, prompt):
-    with pytest.raises(AssertionError) as err:
-        comfy.run_prompt(prompt)
-    return str(err.value)
 
 
 def digits(comfy, object_info, nodes=None, link=None):

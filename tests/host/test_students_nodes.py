@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from conftest import TINY_WAN_RECIPE
-from safetensors.torch import load_file
+from prompts import failure, node_text, run_latent
 
 WAN = {"conditioning_width": 4096, "latent": {"class_type": "EmptyHunyuanLatentVideo",
                                               "inputs": {"width": 32, "height": 32, "length": 1, "batch_size": 1}}}
@@ -32,22 +32,6 @@ def student_sampler(model_link, seed=3, steps=0, cfg=0.0, sampler="recipe", nega
         inputs["negative"] = ["c2", 0]
     return {"class_type": "FastGenStudentSampler", "inputs": inputs}
 
-
-def run_latent(comfy, prompt):
-    """Run a prompt; (the saved latent, the history entry)."""
-    entry = comfy.run_prompt(prompt)
-    [path] = [p for p in comfy.output_files(entry) if p.endswith(".latent")]
-    return load_file(path)["latent_tensor"], entry
-
-
-def node_text(entry, node_id):
-    return "\n".join(entry["outputs"].get(node_id, {}).get("text", []))
-
-
-def failure(comfy, prompt):
-    with pytest.raises(AssertionError) as err:
-        comfy.run_prompt(prompt)
-    return str(err.value)
 
 
 def load_student(name):
