@@ -213,16 +213,21 @@ def assert_same_quantized_output(actual, expected, fmt):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_calibrated_ranges_survive_save_and_load(tmp_path):
-    net = checkpoint.load_network(TEACHER)[0]
-    holder = {}
+def calibrated_bank(net, fmt, seed):
+    """Quantizers for the teacher's default layers, calibrated on one model call."""
+    bank = quant.LayerQuantizers(net, fmt, quant.select_layers(net))
 
     def calibration():
-        with holder["bank"].installed(net):
-            one_call(net, seed=3)
+        with bank.installed(net):
+            one_call(net, seed=seed)
 
-    bank = holder["bank"] = quant.LayerQuantizers(net, "fp8", quant.select_layers(net))
     bank.calibrate(calibration)
+    return bank
+
+
+def test_calibrated_ranges_survive_save_and_load(tmp_path):
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = calibrated_bank(net, "fp8", seed=3)
     assert all(s.input_quantizer.amax is not None for s in bank.shadows.values())
     with bank.installed(net):
         expected = one_call(net)
@@ -299,14 +304,7 @@ def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
 def test_awq_calibration_keeps_the_weights_and_round_trips_through_a_file(tmp_path):
     net = checkpoint.load_network(TEACHER)[0]
     weights = {k: v.clone() for k, v in net.state_dict().items()}
-    holder = {}
-
-    def calibration():
-        with holder["bank"].installed(net):
-            one_call(net, seed=2)
-
-    bank = holder["bank"] = quant.LayerQuantizers(net, "int4_awq", quant.select_layers(net))
-    bank.calibrate(calibration)
+    bank = calibrated_bank(net, "int4_awq", seed=2)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
     assert all(s.weight_quantizer.pre_quant_scale is not None for s in bank.shadows.values())
     with bank.installed(net):
