@@ -121,20 +121,24 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def calibrated_bank(net, fmt, seed):
+    """Quantizers for the teacher's default layers, calibrated on one model call."""
+    bank = quant.LayerQuantizers(net, fmt, quant.select_layers(net))
+
+    def calibration():
+        with bank.installed(net):
+            one_call(net, seed=seed)
+
+    bank.calibrate(calibration)
+    return bank
+
+
 def test_smoothquant_calibration_never_writes_the_models_weights():
     net = checkpoint.load_network(TEACHER)[0]
     weights = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match="needs a calibration run"):
         quant.quantize_model(net, "int8_smoothquant")
-    holder = {}
-
-    def calibration():
-        with holder["bank"].installed(net):
-            one_call(net, seed=2)
-
-    bank = quant.LayerQuantizers(net, "int8_smoothquant", quant.select_layers(net))
-    holder["bank"] = bank
-    bank.calibrate(calibration)
+    bank = calibrated_bank(net, "int8_smoothquant", seed=2)
     assert bank.calibrated and all(s.input_quantizer.pre_quant_scale is not None for s in bank.shadows.values())
     for key, value in net.state_dict().items():
         assert torch.equal(value, weights[key]), f"calibration changed {key}"
@@ -211,18 +215,6 @@ def assert_same_quantized_output(actual, expected, fmt):
         assert relative_error(actual, expected) < 0.03
     else:
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-
-
-def calibrated_bank(net, fmt, seed):
-    """Quantizers for the teacher's default layers, calibrated on one model call."""
-    bank = quant.LayerQuantizers(net, fmt, quant.select_layers(net))
-
-    def calibration():
-        with bank.installed(net):
-            one_call(net, seed=seed)
-
-    bank.calibrate(calibration)
-    return bank
 
 
 def test_calibrated_ranges_survive_save_and_load(tmp_path):
