@@ -129,8 +129,19 @@ async def load_workflow_in_page(browser: Browser, comfy_url: str, workflow: dict
     # (Comfy.Canvas.NavigationMode's onChange sets settings not registered yet): from start-up,
     # keep only errors raised in extensions' code; from here on, keep every error.
     await browser.evaluate("window.__fastgenErrors = (window.__fastgenErrors || []).filter(e => e.includes('/extensions/'))")
-    await browser.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}).then(() => true)")
-    await asyncio.sleep(1.0)
+    # window.app is set before the page restores the previous session's workflow (an await later in
+    # GraphView's start-up), and that restore can replace a graph loaded in between (seen in CI: 0
+    # nodes). Load, let start-up settle, and load again until the page keeps the workflow's nodes.
+    expected = len(workflow.get("nodes", []))
+    for _attempt in range(4):
+        await browser.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}).then(() => true)")
+        await asyncio.sleep(1.0)
+        counts = []
+        for _check in range(2):
+            counts.append(await browser.evaluate("window.app.graph._nodes.length"))
+            await asyncio.sleep(0.5)
+        if counts == [expected, expected]:
+            break
     return await browser.evaluate(
         "window.app.graph._nodes.filter(n => n.has_errors || !LiteGraph.registered_node_types[n.type]).map(n => n.type)"
     )
