@@ -299,9 +299,27 @@ class CausalWorldDiTConfig:
     # previous frame); predicting x0 learns to copy in a few hundred steps (JiT, Li & He 2025).
     # "velocity" (v = noise - x0) stays for models whose tokens are wider than their patches.
     prediction: str = "x0"
+    # How each action moves the camera, (dx, dy) in pixels per frame, one pair per action (the null
+    # action included), or None. When given, every token's rotary position also carries where it
+    # lies in the world: its patch column / row plus the camera position the actions add up to
+    # (camera-relative RoPE, as PRoPE / GTA encode camera poses). Attention then sees the same place
+    # of the world at offset 0 in every frame however the view moved, and following the keys
+    # becomes "look up the same place in the context". Measured (RESULTS.md, #8): with frame-only
+    # positions the model ignored the keys after every training run we tried.
+    camera_motion: tuple | None = None
+
+    def __post_init__(self):
+        if self.camera_motion is not None:
+            motion = tuple(tuple(float(v) for v in pair) for pair in self.camera_motion)
+            if len(motion) != self.actions or any(len(pair) != 2 for pair in motion):
+                raise ValueError(f"camera_motion needs one (dx, dy) pair per action ({self.actions}), got {self.camera_motion!r}")
+            object.__setattr__(self, "camera_motion", motion)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if values["camera_motion"] is None:
+            del values["camera_motion"]  # files written before the field existed read the same
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> CausalWorldDiTConfig:
@@ -316,14 +334,32 @@ class CausalWorldDiTConfig:
 
 
 def rotate_by_frame(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding over the frame index: x [B, H, N, hd], positions [N] (float).
+    """Rotary position embedding: x [B, H, N, hd]; positions [N] (frame index) or [B, N, 3]
+    (frame index, world column, world row: camera-relative RoPE; a quarter of the rotary pairs
+    for the frame, the rest split between the two world axes).
 
-    Only relative frame offsets reach the attention scores, so a rolling cache can renumber its
-    frames (sink first, then the window) and never shows the model an offset it was not trained on.
+    Only relative offsets reach the attention scores, so a rolling cache can renumber its frames
+    (sink first, then the window) and re-base its world positions without changing any score.
     """
     half = x.shape[-1] // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    angles = positions.float()[:, None] * freqs[None]
+    # angles in float32 (float64 for float64 models: the cached and full-sequence paths measure the
+    # world from different origins, and must still agree to rounding)
+    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if positions.ndim == 1:
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=angle_dtype, device=x.device) / half)
+        angles = positions.to(angle_dtype)[:, None] * freqs[None]
+    else:
+        frame_pairs = max(1, half // 4)
+        x_pairs = (half - frame_pairs) // 2
+        y_pairs = half - frame_pairs - x_pairs
+        frame_freqs = torch.exp(-math.log(1000.0) * torch.arange(frame_pairs, dtype=angle_dtype, device=x.device) / frame_pairs)
+
+        def world_freqs(n):  # from 2 rad per patch (neighbours apart) to 0.05 (the whole window)
+            return torch.exp(torch.linspace(math.log(2.0), math.log(0.05), n, dtype=angle_dtype, device=x.device))
+
+        pos = positions.to(angle_dtype)
+        angles = torch.cat([pos[..., 0:1] * frame_freqs, pos[..., 1:2] * world_freqs(x_pairs),
+                            pos[..., 2:3] * world_freqs(y_pairs)], dim=-1)[:, None]  # [B, 1, N, half]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -355,7 +391,7 @@ class CausalBlock(nn.Module):
         keys, values, key_positions = k, v, positions
         if context is not None:
             keys, values = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
-            key_positions = torch.cat([context[2], positions])
+            key_positions = torch.cat([context[2], positions], dim=-2 if positions.ndim == 3 else 0)
         attn = F.scaled_dot_product_attention(rotate_by_frame(q, positions), rotate_by_frame(keys, key_positions), values,
                                               attn_mask=mask)
         x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, d))
@@ -389,9 +425,27 @@ class CausalWorldDiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final_proj = nn.Linear(d, p * p * c)
+        if config.camera_motion is not None:  # in patches per frame; from the config, not the state dict
+            self.register_buffer("camera_table", torch.tensor(config.camera_motion) / p, persistent=False)
 
     def init_weights(self, seed: int = 0):
         return adaln_zero_init(self, self.action_embed, seed)
+
+    def _positions(self, actions, first_frame: int, frames: int):
+        """Rotary positions of a chunk's tokens: [F*T] frame indices; with `camera_motion`,
+        [B, F*T, 3] (frame, world column, world row), the world measured from the camera of the
+        frame before the chunk (the cache re-bases its keys to that same origin)."""
+        t = self.config.tokens_per_frame
+        frame = (first_frame + torch.arange(frames, device=actions.device)).repeat_interleave(t)
+        if self.config.camera_motion is None:
+            return frame
+        b, grid = actions.shape[0], self.config.frame_size // self.config.patch_size
+        camera = self.camera_table[actions.reshape(b, frames)].cumsum(1)  # [B, F, 2]
+        rows, cols = torch.meshgrid(torch.arange(grid, device=actions.device), torch.arange(grid, device=actions.device),
+                                    indexing="ij")
+        world_x = cols.reshape(1, 1, -1) + camera[..., 0:1]
+        world_y = rows.reshape(1, 1, -1) + camera[..., 1:2]
+        return torch.stack([frame.float().expand(b, -1), world_x.reshape(b, -1), world_y.reshape(b, -1)], dim=-1)
 
     def _tokens(self, x, sigma, actions):
         b, c, f, h, w = x.shape
@@ -424,13 +478,18 @@ class CausalWorldDiT(nn.Module):
         b, _, f = x.shape[:3]
         tokens, per_token, cond = self._tokens(x, sigma, actions)
         first = cache.frames if cache is not None else 0
-        positions = (first + torch.arange(f, device=x.device)).repeat_interleave(self.config.tokens_per_frame)
+        positions = self._positions(actions, first, f)
         new_kv = []
         for i, block in enumerate(self.blocks):
             tokens, kv = block(tokens, per_token, positions, context=cache.context(i) if cache is not None else None)
             new_kv.append(kv)
         if write_cache:
-            cache.append(new_kv, f)
+            if positions.ndim == 3:
+                cache.append(new_kv, f, positions=positions)
+                # the next chunk measures the world from this chunk's last camera
+                cache.move_origin(self.camera_table[actions.reshape(b, f)].sum(1))
+            else:
+                cache.append(new_kv, f)
         return self._head(tokens, cond, x.shape)
 
     def forward_sequence(self, x, sigma, actions, chunk_frames: int):
@@ -441,6 +500,7 @@ class CausalWorldDiT(nn.Module):
         frame = torch.arange(f, device=x.device).repeat_interleave(self.config.tokens_per_frame)
         chunk = frame // chunk_frames
         mask = chunk[None, :] <= chunk[:, None]
+        positions = self._positions(actions, 0, f)
         for block in self.blocks:
-            tokens, _ = block(tokens, per_token, frame, mask=mask)
+            tokens, _ = block(tokens, per_token, positions, mask=mask)
         return self._head(tokens, cond, x.shape)

@@ -182,7 +182,9 @@ def world_loss(net, x0, actions, chunk_frames: int, generator=None):
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * noise
-    dropped = torch.rand(b, generator=generator) < 0.1
+    # The null action (for guidance) in 10% of clips; not for camera-RoPE models, whose positions
+    # follow the actions: a dropped action would tell them the camera stood still when it moved.
+    dropped = torch.rand(b, generator=generator) < (0.0 if getattr(net.config, "camera_motion", None) else 0.1)
     actions = torch.where(dropped[:, None].to(actions.device), torch.full_like(actions, NULL_ACTION), actions)
     out = net.forward_sequence(x_t, sigma, actions, chunk_frames)
     target = x0 if net.config.prediction == "x0" else noise - x0
@@ -274,6 +276,9 @@ def main(argv=None):
     w.add_argument("--lr", type=float, default=1e-3)
     w.add_argument("--dim", type=int, default=128)
     w.add_argument("--depth", type=int, default=4)
+    w.add_argument("--clip-frames", type=int, default=12, help="frames per training clip (chunks of 4)")
+    w.add_argument("--warmup", type=int, default=100)
+    w.add_argument("--no-camera", action="store_true", help="frame-only RoPE (the model then ignores the keys: RESULTS.md)")
     w.add_argument("--device", default="cpu")
     w.add_argument("--out", default=WORLD_PATH)
     for p in (c, t, s, w):
@@ -281,9 +286,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.what == "world":
-        config = networks.CausalWorldDiTConfig(dim=args.dim, depth=args.depth, heads=max(2, args.dim // 32))
+        config = networks.CausalWorldDiTConfig(dim=args.dim, depth=args.depth, heads=max(2, args.dim // 32),
+                                               camera_motion=None if args.no_camera else data.camera_motion())
         net = train_world(args.minutes, batch=args.batch, lr=args.lr, seed=args.seed, config=config, device=args.device,
-                          probe=world_probe)
+                          clip_frames=args.clip_frames, warmup=args.warmup, probe=world_probe)
         checkpoint.save_network(args.out, net, world_recipe())
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
         return

@@ -42,6 +42,7 @@ class KVCache:
             raise ValueError("window_frames must be at least 1 (or None for an unbounded cache)")
         self.sink_frames, self.window_frames, self.token_dim = sink_frames, window_frames, token_dim
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.positions: torch.Tensor | None = None  # [B, N, P] per-token positions, for models that give them
         self.frames = 0  # frames held now
         self.frames_seen = 0  # frames appended in total
         self.evicted = 0
@@ -51,12 +52,18 @@ class KVCache:
             return None
         k, v = self.layers[layer]
         positions = torch.arange(self.frames, device=k.device).repeat_interleave(k.shape[self.token_dim] // self.frames)
+        if self.positions is not None:  # the stored positions with the frame slot in column 0
+            positions = torch.cat([positions.to(self.positions.dtype).expand(self.positions.shape[0], -1)[..., None],
+                                   self.positions[..., 1:]], dim=-1)
         return k, v, positions
 
-    def append(self, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]], frames: int):
+    def append(self, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]], frames: int, positions: torch.Tensor | None = None):
         """Add one chunk's keys and values (frames * tokens along `token_dim`, per layer), then
-        evict the oldest non-sink frames beyond the window."""
+        evict the oldest non-sink frames beyond the window. `positions` [B, frames * tokens, P]:
+        per-token positions kept beside them (column 0, the frame, is renumbered by `context`)."""
         dim = self.token_dim
+        if positions is not None:
+            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
         if self.layers:
             self.layers = [(torch.cat([k0, k], dim=dim), torch.cat([v0, v], dim=dim))
                            for (k0, v0), (k, v) in zip(self.layers, kv_per_layer, strict=True)]
@@ -73,14 +80,24 @@ class KVCache:
                 return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, stop, t.shape[dim] - stop)], dim=dim).contiguous()
 
             self.layers = [(keep(k), keep(v)) for k, v in self.layers]
+            if self.positions is not None:
+                self.positions = torch.cat([self.positions[:, :start], self.positions[:, stop:]], dim=1)
             self.frames -= drop
             self.evicted += drop
+
+    def move_origin(self, offset: torch.Tensor):
+        """Measure the stored positions from a new origin: subtract offset [B, P - 1] from their
+        columns after the frame (keeps the numbers small however far the camera travels; rotary
+        scores depend on differences only)."""
+        if self.positions is not None:
+            self.positions = torch.cat([self.positions[..., :1], self.positions[..., 1:] - offset[:, None]], dim=-1)
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
     def reset(self):
         self.layers, self.frames, self.frames_seen, self.evicted = [], 0, 0, 0
+        self.positions = None
 
 
 @dataclass

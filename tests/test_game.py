@@ -25,7 +25,7 @@ def test_moving_shifts_the_view_the_other_way(action, dx, dy):
     shifted = torch.roll(before, shifts=(-dy * s, -dx * s), dims=(1, 2))
     border = torch.ones(64, 64, dtype=torch.bool)
     border[16:48, 16:48] = False
-    border[:4], border[-4:], border[:, :4], border[:, -4:] = False, False, False, False
+    border[:s], border[-s:], border[:, :s], border[:, -s:] = False, False, False, False  # wrapped by the roll
     assert torch.equal(after[:, border], shifted[:, border])
     assert not torch.equal(after[:, border], before[:, border]), "the view did not move"
 
@@ -51,5 +51,5 @@ def test_shift_estimator_reads_the_action_off_consecutive_frames():
     frames, actions = data.game_episode(123, 40)
     shifts = [eval_module.estimate_shift(frames[t - 1], frames[t]) for t in range(1, 40)]
     assert shifts == [data.view_shift(a) for a in actions[1:].tolist()]
-    assert {data.view_shift(a) for a in range(len(data.GAME_ACTIONS))} == {(0, 0), (0, 2), (0, -2), (2, 0), (-2, 0)}
+    assert {data.view_shift(a) for a in range(len(data.GAME_ACTIONS))} == {(0, 0), (0, 8), (0, -8), (8, 0), (-8, 0)}
     assert eval_module.estimate_shift(frames[5], frames[5]) == (0, 0)

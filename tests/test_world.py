@@ -8,11 +8,14 @@ from fastgen_core import world
 from fastgen_core.networks import CausalWorldDiT, CausalWorldDiTConfig
 
 CONFIG = CausalWorldDiTConfig(frame_size=16, patch_size=4, dim=32, depth=2, heads=2)
+# camera-relative RoPE: whole-patch and sub-patch moves (pixels per frame; patches are 4 px)
+CAMERA = CausalWorldDiTConfig(frame_size=16, patch_size=4, dim=32, depth=2, heads=2,
+                              camera_motion=((0, 0), (0, -4), (0, 4), (-2, 0), (6, 0), (0, 0), (0, 0)))
 
 
-def random_model(seed=0):
+def random_model(seed=0, config=CONFIG):
     """Every weight random: adaLN-Zero's zeroed gates would make every output 0 and every test pass."""
-    model = CausalWorldDiT(CONFIG).double()
+    model = CausalWorldDiT(config).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -28,8 +31,9 @@ def sequence(chunks=3, chunk_frames=2, seed=1):
     return x, actions
 
 
-def test_cached_chunks_equal_the_block_causal_full_forward():
-    model = random_model()
+@pytest.mark.parametrize("config", [CONFIG, CAMERA], ids=["frame-rope", "camera-rope"])
+def test_cached_chunks_equal_the_block_causal_full_forward(config):
+    model = random_model(config=config)
     x, actions = sequence()
     sigma = torch.zeros(2, 6, dtype=torch.float64)
     sigma[:, 4:] = 0.7  # clean context, noisy last chunk: what a rollout step sees
@@ -57,8 +61,9 @@ class Spy(torch.nn.Module):
         return out
 
 
-def test_rollout_steps_equal_the_full_forward_over_its_own_clean_frames():
-    spy = Spy(random_model())
+@pytest.mark.parametrize("config", [CONFIG, CAMERA], ids=["frame-rope", "camera-rope"])
+def test_rollout_steps_equal_the_full_forward_over_its_own_clean_frames(config):
+    spy = Spy(random_model(config=config))
     _, actions = sequence()
     chunks = list(world.rollout(spy, world.KVCache(), chunks=3, chunk_frames=2, schedule=world.ChunkSchedule.few_step(2),
                                 actions=actions, batch=2, seed=3, device="cpu"))
@@ -193,3 +198,32 @@ def test_probe_scores_a_model_that_moves_the_view_as_told():
     renderer.weight = torch.nn.Parameter(torch.zeros(1))  # the probe reads the device off a parameter
     renderer.seed = 1_000_000
     assert train.world_probe(renderer, worlds=1, seed=1_000_000) == "motion agreement 100% (16 frames, 4 move actions)"
+
+
+def test_camera_rope_sees_the_same_place_of_the_world_at_offset_zero():
+    """With camera_motion, a token's position is where it lies in the world: after a "right"
+    move of one patch the content at world column c sits one screen column further left, and its
+    rotary position is the same as before the move."""
+    config = CausalWorldDiTConfig(frame_size=16, patch_size=4, dim=32, depth=1, heads=2,
+                                  camera_motion=((0, 0), (0, 0), (0, 0), (0, 0), (4, 0), (0, 0), (0, 0)))
+    model = CausalWorldDiT(config)
+    positions = model._positions(torch.tensor([[0, 4]]), 0, 2)  # still, then one patch right
+    grid = positions.view(2, 4, 4, 3)  # frame, row, column, (frame, world x, world y)
+    assert torch.equal(grid[1, :, :-1, 1:], grid[0, :, 1:, 1:])  # screen column c+1 then = column c now
+    assert torch.equal(grid[:, :, :, 0], torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 4, 4))
+    # the cache re-bases: a chunk after the move measures the world from the moved camera
+    cache = world.KVCache()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 2, 16, 16), torch.zeros(1, 2), torch.tensor([[0, 4]]), cache, write_cache=True)
+    _, _, stored = cache.context(0)
+    assert torch.equal(stored[0, 16:, 1:], grid[1].reshape(16, 3)[:, 1:] - torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="one \\(dx, dy\\) pair per action"):
+        CausalWorldDiTConfig(camera_motion=((0, 0),))
+
+
+def test_camera_config_round_trips_and_old_configs_read_the_same():
+    assert "camera_motion" not in CONFIG.to_dict()
+    assert CausalWorldDiTConfig.from_dict(CAMERA.to_dict()) == CAMERA
+    import json
+
+    assert CausalWorldDiTConfig.from_dict(json.loads(json.dumps(CAMERA.to_dict()))) == CAMERA
