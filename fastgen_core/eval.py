@@ -161,26 +161,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 2.0) -> float:
     return kornia.metrics.psnr(a.float(), b.float(), max_val).item()
 
 
-def estimate_shift(before: torch.Tensor, after: torch.Tensor, ignore_centre: int = 10) -> tuple[int, int]:
-    """The whole-pixel translation (dx, dy) that best maps frame `before` onto `after` ([C, H, W]),
-    by phase correlation: after(x, y) ~ before(x - dx, y - dy).
+def estimate_shift(before: torch.Tensor, after: torch.Tensor, ignore_centre: int = 10, max_shift: int = 12) -> tuple[int, int]:
+    """The whole-pixel translation (dx, dy), |dx|, |dy| <= `max_shift`, that best maps frame
+    `before` onto `after` ([C, H, W]): after(x, y) ~ before(x - dx, y - dy), by the least mean
+    squared difference over the frames' overlap.
 
     Used on game frames, where the camera follows the agent: moving right shifts the view by
     (-GAME_SPEED, 0). A square of `ignore_centre` pixels around the centre (the agent, which stays
-    put) is filled with the frame's mean so it does not vote for (0, 0)."""
-    def prepare(frame):
-        gray = frame.float().mean(0)
-        h, w = gray.shape
-        if ignore_centre:
-            half = ignore_centre
-            gray = gray.clone()
-            gray[h // 2 - half:h // 2 + half, w // 2 - half:w // 2 + half] = gray.mean()
-        window = torch.hann_window(h, periodic=False)[:, None] * torch.hann_window(w, periodic=False)[None]
-        return (gray - gray.mean()) * window
-
-    a, b = torch.fft.fft2(prepare(before)), torch.fft.fft2(prepare(after))
-    cross = b * a.conj()
-    correlation = torch.fft.ifft2(cross / cross.abs().clamp_min(1e-8)).real
-    h, w = correlation.shape
-    dy, dx = divmod(int(correlation.argmax()), w)
-    return (dx - w if dx > w // 2 else dx), (dy - h if dy > h // 2 else dy)
+    put) is left out of the comparison so it does not vote for (0, 0). (An exhaustive search, not
+    phase correlation: whitened phase correlation misread 6 of 300 true 8-px moves.)"""
+    before, after = before.float(), after.float()
+    _, h, w = after.shape
+    keep = torch.ones(h, w)
+    if ignore_centre:
+        keep[h // 2 - ignore_centre:h // 2 + ignore_centre, w // 2 - ignore_centre:w // 2 + ignore_centre] = 0
+    best, best_shift = float("inf"), (0, 0)
+    # smallest moves first, so a tie (a flat frame) reads as the smaller move
+    for dx, dy in sorted(((dx, dy) for dx in range(-max_shift, max_shift + 1) for dy in range(-max_shift, max_shift + 1)),
+                         key=lambda s: (abs(s[0]) + abs(s[1]), s)):
+        # after[y, x] against before[y - dy, x - dx] where both exist
+        ya, yb = slice(max(dy, 0), h + min(dy, 0)), slice(max(-dy, 0), h + min(-dy, 0))
+        xa, xb = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+        weight = keep[ya, xa] * keep[yb, xb]
+        error = (((after[:, ya, xa] - before[:, yb, xb]) ** 2).mean(0) * weight).sum() / weight.sum().clamp_min(1)
+        if error < best - 1e-9:
+            best, best_shift = float(error), (dx, dy)
+    return best_shift

@@ -167,7 +167,8 @@ class WorldSession:
                 self.frames_out += chunk.latents.shape[2]
                 self.fps = produced / max(time.monotonic() - started, 1e-6)
                 self.generation_fps = produced / max(busy, 1e-6)
-                self.on_frames(chunk.latents[0].transpose(0, 1).clamp(-1, 1), chunk.first_frame, self.status())
+                stats = dict(self.status(), chunk_actions=[self.action_names[a] for a in chunk.actions[0].tolist()])
+                self.on_frames(chunk.latents[0].transpose(0, 1).clamp(-1, 1), chunk.first_frame, stats)
                 # pace to max_fps: the page plays frames at that rate, so running ahead only burns CPU
                 ahead = produced / self.max_fps - (time.monotonic() - started)
                 if ahead > 0:

@@ -123,6 +123,7 @@ class Chunk:
     first_frame: int  # index of its first frame in the whole video
     seconds: float  # wall time of this chunk (denoising + cache update + decode)
     frames: torch.Tensor | None = None  # decoded frames when a decoder was given
+    actions: torch.Tensor | None = None  # [B, F] the actions it was generated under
 
 
 def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedule: ChunkSchedule,
@@ -175,7 +176,7 @@ def rollout(model, cache: KVCache, chunks: int | None, chunk_frames: int, schedu
                 context = (1.0 - context_noise) * latents + context_noise * noise
             model(context, level, chunk_actions, cache, write_cache=True)
             frames = decode(latents) if decode is not None else None
-        yield Chunk(index, latents, first, time.perf_counter() - start, frames)
+        yield Chunk(index, latents, first, time.perf_counter() - start, frames, chunk_actions.cpu())
         index += 1
 
 

@@ -145,8 +145,9 @@ class FastGenWorldSession(io.ComfyNode):
                              tooltip="Recent frames the model attends to (rolling KV cache)."),
                 io.Int.Input("sink_frames", default=4, min=0, max=64,
                              tooltip="The first frames, kept in the cache for good (an anchor for long sessions)."),
-                io.Float.Input("max_fps", default=30.0, min=1.0, max=120.0, step=1.0,
-                               tooltip="Frames per second sent to the page; generation waits rather than run ahead."),
+                io.Float.Input("max_fps", default=15.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Frames per second sent to the page; generation waits rather than run ahead. "
+                               "The agent steps one tile (8 px) per frame, so this is also its walking speed."),
                 io.Int.Input("idle_seconds", default=120, min=5, max=3600,
                              tooltip="The session stops by itself after this long without a key press."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,

@@ -62,6 +62,9 @@ def test_frames_arrive_in_order_and_actions_steer_the_next_chunk():
     later = [a[0].tolist() for a in seen[count:]]
     assert [5, 3] in later, "the jump goes first in the next chunk, the held direction fills the rest"
     assert later[-1] == [3, 3], "a direction stays held"
+    # each chunk's stats name the actions it was generated under (the page can label its frames)
+    labelled = [status["chunk_actions"] for _, first, status in recorder.chunks if first > 0]
+    assert [NAMES[5], NAMES[3]] in labelled and labelled[-1] == [NAMES[3], NAMES[3]]
     assert not live.running and live.stop_reason == "stopped"
 
 

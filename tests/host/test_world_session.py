@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 
 
 def session_prompt(model="tiny_world.safetensors", **settings):
@@ -168,12 +169,15 @@ KEY_CODES = {"ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "ArrowDown": 40, 
 
 def test_play_the_shipped_world_model_in_the_real_page(comfy):
     """The world_model_play workflow in headless Chromium: Queue, click the canvas, hold keys; the
-    canvas takes the keyboard, the held key reaches the session, frames keep arriving and are drawn.
-    (Whether the view moves the way the key says is the model's quality: benchmarks/world_model.py
-    measures it; the shipped model does not follow the keys yet, see RESULTS.md.)"""
+    canvas takes the keyboard, the held key reaches the session, frames keep arriving and are drawn,
+    and the frames the shipped model makes while a key is held move the view the way the key says
+    (read off consecutive frames as the page received them)."""
     import os
 
     from browser import Browser, find_chromium, load_workflow_in_page, page_errors, queue_from_page
+
+    from fastgen_core import data
+    from fastgen_core import eval as eval_module
 
     if find_chromium() is None:
         pytest.skip("no Chromium for the page test (apt-get install chromium)")
@@ -202,6 +206,9 @@ def test_play_the_shipped_world_model_in_the_real_page(comfy):
         browser = await Browser(width=1200, height=900).session()
         try:
             assert await load_workflow_in_page(browser, comfy.url, workflow) == []
+            # keep every frames event the page receives, as the canvas does
+            await browser.evaluate("(() => { window.__fastgenFrames = []; window.app.api.addEventListener("
+                                   "'fastgen.world.frames', (e) => window.__fastgenFrames.push(e.detail)); return true; })()")
             await queue_from_page(browser, comfy)
             await browser.wait_for(f"{node_js}.fastgenWorld.session && {node_js}.fastgenWorld.framesDrawn > 12", timeout=60)
             # click the canvas where it is on screen, as a user does, so it takes the keyboard
@@ -217,15 +224,29 @@ def test_play_the_shipped_world_model_in_the_real_page(comfy):
             await browser.screenshot(os.path.join(artifacts_dir(), "world_model_play.png"))
             fps = await browser.evaluate(f"{node_js}.fastgenWorld.fps")
             errors = await page_errors(browser)
+            events = await browser.evaluate("window.__fastgenFrames.map(d => ({first: d.first, frames: d.frames, "
+                                            "actions: d.status.chunk_actions || []}))")
             await browser.evaluate(f"{node_js}.fastgenWorld.send('stop').then(() => true)")
             await browser.wait_for(f"{node_js}.fastgenWorld.session === null", timeout=20)
-            return focused, left, up, fps, errors
+            return focused, left, up, fps, errors, events
         finally:
             await browser.close()
 
-    focused, left, up, fps, errors = asyncio.run(play())
+    focused, left, up, fps, errors, events = asyncio.run(play())
+    # every received frame by index, with the action it was made under
+    frames = {}
+    for event in events:
+        for i, (png, action) in enumerate(zip(event["frames"], event["actions"], strict=False)):
+            frames[event["first"] + i] = (torch.from_numpy(decode(png)).permute(2, 0, 1).float() / 127.5 - 1, action)
+    agreement = {}
+    for name in ("left", "up"):
+        moved = [eval_module.estimate_shift(frames[i - 1][0], frame) == data.view_shift(data.GAME_ACTIONS.index(name))
+                 for i, (frame, action) in sorted(frames.items()) if action == name and i - 1 in frames]
+        agreement[name] = (sum(moved), len(moved))
     assert focused, "a click on the canvas did not give it the keyboard"
     assert left[:2] == ("left", "none") and up[:2] == ("up", "none"), (left, up)
     assert left[2] >= 10 and up[2] >= 10, f"frames drawn while holding keys: {left[2]}, {up[2]}"
     assert fps > 5, f"the canvas drew {fps} frames in the last second"
     assert errors == [], errors
+    for name, (agree, total) in agreement.items():
+        assert total >= 8 and agree / total >= 0.5, f"holding {name}: the view moved that way in {agree} of {total} frames"
