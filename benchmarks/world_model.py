@@ -9,7 +9,7 @@ true frames for the same actions. Printed and drawn (benchmarks/world_model.png)
 
 - action following over 100 frames: PSNR of each generated frame against the true one, beside the
   "frozen" baseline (the last real frame repeated), and motion agreement: the share of frames whose
-  shift against the previous generated frame (phase correlation) is the one the action makes;
+  shift against the previous generated frame (`eval.estimate_shift`) is the one the action makes;
 - long horizon: 1,000 frames with the rolling cache (window + sink), the same two measures per
   frame and the frames' contrast (a collapsing model fades to flat colour or saturates);
 - speed: frames per second of the rollout at 64x64, batch 1, the recipe's steps.
@@ -39,8 +39,7 @@ HELD_OUT_SEED = 1_000_000  # training worlds use seeds 0..episodes-1
 def generate(net, recipe, frames, actions, window, sink, seed=0):
     """Frames [1, 3, T, 64, 64]: the first chunk real, the rest generated for `actions` [1, T]."""
     chunk = int(recipe.extra.get("chunk_frames", 4))
-    steps = recipe.steps
-    schedule = world.ChunkSchedule.few_step(steps)
+    schedule = world.ChunkSchedule.for_recipe(recipe)
     sampler = recipe.sampler.removeprefix("multistep_") if recipe.sampler.startswith("multistep") else "ode"
     total = frames.shape[2]
     cache = world.KVCache(sink_frames=sink, window_frames=window)
@@ -137,7 +136,7 @@ def main(argv=None):
 
     # speed: the recipe's loop alone, no metric work, batch 1
     cache = world.KVCache(sink_frames=args.sink, window_frames=args.window)
-    schedule = world.ChunkSchedule.few_step(recipe.steps)
+    schedule = world.ChunkSchedule.for_recipe(recipe)
     loop = world.rollout(net, cache, chunks=None, chunk_frames=chunk, schedule=schedule, device="cpu")
     for _ in range(3):
         next(loop)  # warm-up, and the window fills

@@ -59,12 +59,13 @@ class WorldSession:
     def __init__(self, model, start, on_frames, action_names: tuple[str, ...], chunk_frames: int = 4, steps: int = 4,
                  sampler: str = "sde", window_frames: int = 12, sink_frames: int = 4, max_fps: float = 30.0,
                  idle_seconds: float = 120.0, queue_size: int = 8, seed: int = 0,
-                 on_stop: Callable[[WorldSession], None] | None = None):
+                 on_stop: Callable[[WorldSession], None] | None = None, schedule: world.ChunkSchedule | None = None):
         if max_fps <= 0 or idle_seconds <= 0:
             raise ValueError("max_fps and idle_seconds must be positive")
         self.model, self.start_frames, self.on_frames, self.on_stop = model, start, on_frames, on_stop
         self.action_names = tuple(action_names)
         self.chunk_frames, self.steps, self.sampler, self.seed = chunk_frames, steps, sampler, seed
+        self.schedule = schedule or world.ChunkSchedule.few_step(steps)  # a distilled model's own levels when given
         self.window_frames, self.sink_frames = window_frames, sink_frames
         self.max_fps, self.idle_seconds = max_fps, idle_seconds
         self.pending: collections.deque[int] = collections.deque(maxlen=queue_size)
@@ -140,9 +141,8 @@ class WorldSession:
 
     def _loop(self):
         cache = world.KVCache(sink_frames=self.sink_frames, window_frames=self.window_frames)
-        schedule = world.ChunkSchedule.few_step(self.steps)
         frames, actions = self.start_frames
-        return world.rollout(self.model, cache, chunks=None, chunk_frames=self.chunk_frames, schedule=schedule,
+        return world.rollout(self.model, cache, chunks=None, chunk_frames=self.chunk_frames, schedule=self.schedule,
                              actions=self._chunk_actions, prefix=(frames, actions), sampler=self.sampler,
                              seed=self.seed)
 

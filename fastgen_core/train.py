@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -150,6 +151,7 @@ def train_student(student_steps: int = 4, minutes: float = 10.0, batch: int = 32
 
 
 WORLD_PATH = os.path.join(metrics.ASSETS, "game_world_model.safetensors")
+WORLD_STUDENT_PATH = os.path.join(metrics.ASSETS, "game_world_student.safetensors")
 NULL_ACTION = networks.NUM_ACTIONS - 1  # "no action given": dropped in 10% of training clips, for guidance
 
 
@@ -196,7 +198,7 @@ def world_loss(net, x0, actions, chunk_frames: int, generator=None):
 def world_probe(net, worlds: int = 6, chunk_frames: int = 4, seed: int = 1_000_000) -> str:
     """Does the model move the view the way the action says? For held-out worlds: a real first
     chunk as clean context, then one x0 guess (from pure noise) of the next chunk under each move
-    action; the share of frame-to-frame shifts that match the action (phase correlation)."""
+    action; the share of frame-to-frame shifts that match the action (`eval.estimate_shift`)."""
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(0)
     agree = total = 0
@@ -281,9 +283,33 @@ def main(argv=None):
     w.add_argument("--no-camera", action="store_true", help="frame-only RoPE (the model then ignores the keys: RESULTS.md)")
     w.add_argument("--device", default="cpu")
     w.add_argument("--out", default=WORLD_PATH)
-    for p in (c, t, s, w):
+    ws = sub.add_parser("world-student", help="self-forcing DMD of the world model into a few-step student")
+    ws.add_argument("--teacher", default=WORLD_PATH)
+    ws.add_argument("--minutes", type=float, default=20.0)
+    ws.add_argument("--student-steps", type=int, default=2)
+    ws.add_argument("--batch", type=int, default=8)
+    ws.add_argument("--lr", type=float, default=2e-4)
+    ws.add_argument("--rank", type=int, default=16)
+    ws.add_argument("--context-chunks", type=int, default=2)
+    ws.add_argument("--device", default="cpu")
+    ws.add_argument("--out", default=WORLD_STUDENT_PATH)
+    for p in (c, t, s, w, ws):
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    if args.what == "world-student":
+        from . import self_forcing
+
+        net, teacher_recipe = checkpoint.load_network(args.teacher)
+        settings = self_forcing.SelfForcingSettings(steps=args.student_steps, batch=args.batch, lr=args.lr, fake_lr=args.lr,
+                                                    rank=args.rank, context_chunks=args.context_chunks, seed=args.seed,
+                                                    chunk_frames=int(teacher_recipe.extra.get("chunk_frames", 4)))
+        student, recipe, _ = self_forcing.distill_world(net.to(args.device), args.minutes, settings=settings,
+                                                         probe=world_probe)
+        recipe = dataclasses.replace(recipe, teacher=os.path.basename(args.teacher))
+        checkpoint.save_network(args.out, student, recipe)
+        print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+        return
 
     if args.what == "world":
         config = networks.CausalWorldDiTConfig(dim=args.dim, depth=args.depth, heads=max(2, args.dim // 32),

@@ -31,7 +31,7 @@ from aiohttp import web
 from comfy_api.latest import io
 from PIL import Image
 
-from ..fastgen_core import checkpoint, data
+from ..fastgen_core import checkpoint, data, world
 from ..fastgen_core.session import RateLimiter, WorldSession
 from .loaders import embedded_models, resolve_model_path, user_models
 
@@ -173,7 +173,8 @@ class FastGenWorldSession(io.ComfyNode):
         net, recipe = load_world_model(model_name)
         net.eval()
         chunk = int((recipe.extra if recipe else {}).get("chunk_frames", 4))
-        steps = steps or (recipe.steps if recipe else 4)
+        schedule = world.ChunkSchedule.for_recipe(recipe, steps)
+        steps = len(schedule.later) - 1
         sampler = recipe.sampler.removeprefix("multistep_") if recipe and recipe.sampler.startswith("multistep") else "sde"
         frames, actions = start_view(world_seed, chunk)
         node_id = cls.hidden.unique_id
@@ -194,7 +195,7 @@ class FastGenWorldSession(io.ComfyNode):
 
         live = WorldSession(net, (frames, actions), push, data.GAME_ACTIONS, chunk_frames=chunk, steps=steps,
                             sampler=sampler, window_frames=window_frames, sink_frames=sink_frames, max_fps=max_fps,
-                            idle_seconds=idle_seconds, seed=seed, on_stop=stopped)
+                            idle_seconds=idle_seconds, seed=seed, on_stop=stopped, schedule=schedule)
         holder["session"] = live
         holder["token"] = SESSIONS.add(live, client_id)
         live.start()

@@ -89,7 +89,7 @@ def test_rate_limiter_allows_bursts_then_the_rate():
 
 def test_idle_session_stops_by_itself_and_reset_restarts_from_the_first_view():
     recorder, stopped = Recorder(), threading.Event()
-    live = make(recorder, idle_seconds=1.0, on_stop=lambda s: stopped.set())
+    live = make(recorder, idle_seconds=3.0, on_stop=lambda s: stopped.set())  # 3 s: a busy CPU makes the first chunks slow
     live.start()
     recorder.wait_for(2)
     live.reset()

@@ -227,3 +227,15 @@ def test_camera_config_round_trips_and_old_configs_read_the_same():
     import json
 
     assert CausalWorldDiTConfig.from_dict(json.loads(json.dumps(CAMERA.to_dict()))) == CAMERA
+
+
+def test_chunk_schedule_follows_the_recipe():
+    from fastgen_core.recipe import Recipe
+
+    student = Recipe(family="fastgen-game", prediction="flow", steps=2, sampler="multistep_sde", sigmas=[0.999, 0.5], shift=None)
+    assert world.ChunkSchedule.for_recipe(student).later == [0.999, 0.5, 0.0]
+    assert world.ChunkSchedule.for_recipe(student, steps=2).first == [0.999, 0.5, 0.0]
+    assert len(world.ChunkSchedule.for_recipe(student, steps=4).later) == 5  # other steps: evenly spaced
+    teacher = Recipe(family="fastgen-game", prediction="flow", steps=4, sampler="multistep_ode", shift=1.0)
+    assert world.ChunkSchedule.for_recipe(teacher).later == world.ChunkSchedule.few_step(4).later
+    assert world.ChunkSchedule.for_recipe(None).later == world.ChunkSchedule.few_step(4).later
