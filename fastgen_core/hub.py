@@ -96,24 +96,43 @@ _REFINERS = "finegrain-ai/refiners src/refiners/conversion/models/loras.py (revi
 _BFL = "black-forest-labs/flux README model table (sha256); the same sha256 and size in SimpleSDXL modules/models_info.py"
 # a model-hash table whose SDXL-Lightning and FLUX schnell values match the two sources above; one source only here
 _SIMPLESDXL = "SimpleSDXL modules/models_info.py (sha256 + size)"
+_REFINERS_UNET = "finegrain-ai/refiners src/refiners/conversion/models/unet_sdxl.py, lightning_4step (revision + sha256)"
+# the Hub's own answer quoted in a public report: `curl -I .../resolve/main/<file>` -> x-linked-etag (the LFS
+# sha256) and x-linked-size; the same pair in a second, independent model table
+_DMD2_HEAD = ("msit270/aiofm-nsfw notes/WS5-report.md (curl -I on tianweiy/DMD2 resolve/main: x-linked-etag, x-linked-size); "
+              "the same sha256 in darkshapes/nnll nnll/mir/automata.py")
+# a Hub cache path naming the file at a commit of the repository: the file exists at that commit
+_DMD2_SNAPSHOT = "SammyS15/LATINO-PRO main_LATINO.py (models--tianweiy--DMD2/snapshots/<revision>/dmd2_sdxl_4step_unet_fp16.bin)"
+_HYPER_1STEP = ("revision: a public script's Hub cache path models--ByteDance--Hyper-SD/snapshots/<revision>/"
+                "Hyper-SDXL-1step-lora.safetensors; sha256: an installer's expected_sha256 for this file's URL, the same "
+                "value in darkshapes/nnll nnll/mir/automata.py")
+_HYPER_8CFG = ("a model note giving this file's path with its SHA256; the same LFS oid prefix (55b51334c850) in a "
+               "second table built from library.json (sizes disagree between the two: size left unpinned)")
 
 CATALOGUE: tuple[HubEntry, ...] = tuple(_known(e) for e in (
     HubEntry("lightx2v Wan2.1 T2V 14B step+CFG distill LoRA (rank 32)", "Kijai/WanVideo_comfy",
              "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", "loras"),
     HubEntry("CausVid Wan2.1 T2V 14B LoRA (rank 32, Kijai)", "Kijai/WanVideo_comfy",
              "Wan21_CausVid_14B_T2V_lora_rank32.safetensors", "loras"),
-    HubEntry("DMD2 SDXL 4-step LoRA", "tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", "loras"),
-    HubEntry("DMD2 SDXL 4-step UNet", "tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", "diffusion_models"),
+    HubEntry("DMD2 SDXL 4-step LoRA", "tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", "loras",
+             sha256="b3d9173815a4b595991c3a7a0e0e63ad821080f314a0b2a3cc31ecd7fcf2cbb8", size=393_854_592, pin_source=_DMD2_HEAD),
+    HubEntry("DMD2 SDXL 4-step UNet", "tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", "diffusion_models",
+             revision="be22767697a1f3ca656b73c776e15fa335c86c6c", pin_source=_DMD2_SNAPSHOT),
     HubEntry("SDXL-Lightning 4-step LoRA", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors", "loras",
              revision="c9a24f48e1c025556787b0c58dd67a091ece2e44",
              sha256="bf56cf2657efb15e465d81402ed481d1e11c4677e4bcce1bc11fe71ad8506b79", size=393_854_592,
              pin_source=f"{_REFINERS}; size and the same sha256 in {_SIMPLESDXL}"),
     HubEntry("SDXL-Lightning 8-step LoRA", "ByteDance/SDXL-Lightning", "sdxl_lightning_8step_lora.safetensors", "loras"),
-    HubEntry("SDXL-Lightning 4-step UNet", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors", "diffusion_models"),
-    HubEntry("Hyper-SDXL 1-step unified LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors", "loras"),
+    HubEntry("SDXL-Lightning 4-step UNet", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors", "diffusion_models",
+             revision="c9a24f48e1c025556787b0c58dd67a091ece2e44",
+             sha256="39a90a8a2a25c1372633c1e8eb1a96f85eab937bcb58cfc6ec9baf66242ec23c", pin_source=_REFINERS_UNET),
+    HubEntry("Hyper-SDXL 1-step unified LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors", "loras",
+             revision="1a091a0ba26e5639d083c6377ba4f2bed5115ccc",
+             sha256="c912df184c5116792d2c604d26c6bc2aa916685f4a793755255cda1c43a3c78a", pin_source=_HYPER_1STEP),
     HubEntry("Hyper-SDXL 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-lora.safetensors", "loras",
              sha256="ca689190e8c46038550384b5675488526cfe5a40d35f82b27acb75c100f417c1", size=787_359_648, pin_source=_SIMPLESDXL),
-    HubEntry("Hyper-SDXL 8-step CFG LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors", "loras"),
+    HubEntry("Hyper-SDXL 8-step CFG LoRA", "ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors", "loras",
+             sha256="55b51334c85061afff5eff7c550b61963c8b8607a5868bbe4f26db49374719b1", pin_source=_HYPER_8CFG),
     HubEntry("Hyper-SD1.5 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-SD15-8steps-lora.safetensors", "loras"),
     HubEntry("Hyper-FLUX.1-dev 8-step LoRA", "ByteDance/Hyper-SD", "Hyper-FLUX.1-dev-8steps-lora.safetensors", "loras"),
     # the repository calls it pytorch_lora_weights.safetensors, which identifies nothing: placed under a telling name
