@@ -5,7 +5,9 @@
 
 For held-out worlds (seeds the training never saw), the model gets the first chunk of real frames
 (into its cache) and then the player's actions, and generates the rest; the renderer draws the
-true frames for the same actions. Printed and drawn (benchmarks/world_model.png):
+true frames for the same actions. Printed and drawn (benchmarks/world_model.png; and
+benchmarks/world_model_frames.png: a held-out episode's first 32 frames, every 2nd, the renderer's
+on top, the model's below — the first 4 are the real start it was given):
 
 - action following over 100 frames: PSNR of each generated frame against the true one, beside the
   "frozen" baseline (the last real frame repeated), and motion agreement: the share of frames whose
@@ -100,6 +102,10 @@ def main(argv=None):
         truth, actions = truth.transpose(0, 1)[None], actions[None]
         generated = generate(net, recipe, truth, actions, args.window, args.sink, seed=episode)
         rows.append(per_frame(generated, truth, actions, chunk))
+        if episode == 0:  # a picture: the renderer's frames over the model's, every 2nd of the first 32
+            strip = torch.cat([truth[0, :, :32:2], generated[0, :, :32:2]], 1).transpose(0, 1)  # [32, C, H, W]
+            frames_png = os.path.splitext(args.png)[0] + "_frames.png"
+            images.write_png(frames_png, images.make_grid((strip.clamp(-1, 1) + 1) / 2, rows=2), scale=2)
     mse, frozen_mse, agree, _ = (torch.stack(r)[:, chunk:].mean(0) for r in zip(*rows, strict=True))
     psnr, frozen = to_psnr(mse), to_psnr(frozen_mse)
     taken = torch.stack([data.game_episode(HELD_OUT_SEED + e, frames_needed)[1] for e in range(args.episodes)])[:, chunk:]

@@ -143,14 +143,14 @@ def distill_world(net: nn.Module, minutes: float | None = None, iterations: int 
     if (minutes is None) == (iterations is None):
         raise ValueError("give exactly one of minutes or iterations")
     trainer, switch, adapters = world_trainer(net, settings)
-    start = time.perf_counter()
+    start, vsd = time.perf_counter(), float("nan")
     while (iterations is None or trainer.iteration < iterations) and (
             minutes is None or time.perf_counter() - start < minutes * 60):
         record = trainer.train_step()
+        vsd = record.get("vsd", vsd)  # the student's loss, from its last update
         i = trainer.iteration
         if i % 20 == 0 or i == 1:
-            log(f"self-forcing {i:5d}  fake {record['fake_score']:.4f}  vsd {record.get('vsd', float('nan')):.4f}  "
-                f"{time.perf_counter() - start:.0f}s")
+            log(f"self-forcing {i:5d}  fake {record['fake_score']:.4f}  vsd {vsd:.4f}  {time.perf_counter() - start:.0f}s")
         if probe is not None and i % probe_every == 0:
             with switch.use(distill.STUDENT):
                 log(f"self-forcing {i:5d}  probe: {probe(net)}")
