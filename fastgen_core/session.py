@@ -59,9 +59,13 @@ class WorldSession:
     def __init__(self, model, start, on_frames, action_names: tuple[str, ...], chunk_frames: int = 4, steps: int = 4,
                  sampler: str = "sde", window_frames: int = 12, sink_frames: int = 4, max_fps: float = 30.0,
                  idle_seconds: float = 120.0, queue_size: int = 8, seed: int = 0,
-                 on_stop: Callable[[WorldSession], None] | None = None, schedule: world.ChunkSchedule | None = None):
-        if max_fps <= 0 or idle_seconds <= 0:
-            raise ValueError("max_fps and idle_seconds must be positive")
+                 on_stop: Callable[[WorldSession], None] | None = None, schedule: world.ChunkSchedule | None = None,
+                 frames_per_step: int = 1):
+        if max_fps <= 0 or idle_seconds <= 0 or frames_per_step < 1:
+            raise ValueError("max_fps and idle_seconds must be positive, frames_per_step at least 1")
+        # a held direction moves the agent on every `frames_per_step`-th frame ("none" between):
+        # its walking pace at a given frame rate
+        self.frames_per_step = frames_per_step
         self.model, self.start_frames, self.on_frames, self.on_stop = model, start, on_frames, on_stop
         self.action_names = tuple(action_names)
         self.chunk_frames, self.steps, self.sampler, self.seed = chunk_frames, steps, sampler, seed
@@ -134,10 +138,14 @@ class WorldSession:
 
     # ------------------------------------------------------------------ the worker thread
     def _chunk_actions(self, first_frame: int, frames: int) -> torch.Tensor:
-        """Asked by the rollout just before each chunk: the held action, with a queued jump first."""
+        """Asked by the rollout just before each chunk: the held action on every `frames_per_step`-th
+        frame of the video ("none" between), with a queued jump first."""
         with self.lock:
-            first = self.pending.popleft() if self.pending else self.held
-            return torch.tensor([[first] + [self.held] * (frames - 1)], dtype=torch.long)
+            none = self.action_names.index("none")
+            actions = [self.held if (first_frame + i) % self.frames_per_step == 0 else none for i in range(frames)]
+            if self.pending:
+                actions[0] = self.pending.popleft()
+            return torch.tensor([actions], dtype=torch.long)
 
     def _loop(self):
         cache = world.KVCache(sink_frames=self.sink_frames, window_frames=self.window_frames)

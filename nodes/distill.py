@@ -10,6 +10,7 @@ host's loras folder (ComfyUI keys + the student's recipe), which LoraLoader and 
 from __future__ import annotations
 
 import os
+import time
 
 import comfy.lora
 import comfy.model_management
@@ -22,6 +23,37 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
 from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
+
+LOSS_EVENT = "fastgen.distill.loss"
+
+
+class LossEvents:
+    """Each iteration's losses to the page that queued the graph (web/js/distill_chart.js draws them
+    live on the node), batched to at most five messages a second. Without a server (the pack loaded
+    by a tool, or a prompt without a client) it does nothing."""
+
+    def __init__(self, node_id, iterations: int, interval: float = 0.2):
+        try:
+            from server import PromptServer
+
+            self.server = getattr(PromptServer, "instance", None)
+        except ImportError:
+            self.server = None
+        self.client = getattr(self.server, "client_id", None)
+        self.node_id, self.iterations, self.interval = node_id, iterations, interval
+        self.pending, self.last = [], 0.0
+
+    def add(self, record: dict):
+        self.pending.append({"iteration": record["iteration"] + 1, "fake_score": record["fake_score"],
+                             "vsd": record.get("vsd")})
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self):
+        if self.pending and self.server is not None and self.client:
+            self.server.send_sync(LOSS_EVENT, {"node": self.node_id, "iterations": self.iterations, "records": self.pending},
+                                  self.client)
+        self.pending, self.last = [], time.monotonic()
 
 
 class HostDenoiser(torch.nn.Module):
@@ -203,6 +235,7 @@ class FastGenDistillDMD(io.ComfyNode):
                 io.Image.Output(display_name="loss_chart",
                                 tooltip="Fake-score (orange) and student VSD (blue) losses, each scaled to its range."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -248,8 +281,10 @@ class FastGenDistillDMD(io.ComfyNode):
                     trainer.load_checkpoint(checkpoint_path)
 
                 cancelled = []
+                live_chart = LossEvents(cls.hidden.unique_id if cls.hidden else None, iterations)
 
                 def report(record):
+                    live_chart.add(record)
                     preview = None
                     if previewer is not None and (record["iteration"] % 25 == 0 or record["iteration"] + 1 == iterations):
                         preview = previewer.decode_latent_to_preview_image("JPEG", cls._student_sample(trainer))
@@ -265,6 +300,7 @@ class FastGenDistillDMD(io.ComfyNode):
 
                 status = trainer.run(iterations, checkpoint_path=checkpoint_path, checkpoint_every=50, callback=report,
                                      should_stop=should_stop)
+                live_chart.flush()
                 trainer.publish_ema()
                 # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
                 recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model), as_sigmas=flow,

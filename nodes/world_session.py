@@ -145,9 +145,11 @@ class FastGenWorldSession(io.ComfyNode):
                              tooltip="Recent frames the model attends to (rolling KV cache)."),
                 io.Int.Input("sink_frames", default=4, min=0, max=64,
                              tooltip="The first frames, kept in the cache for good (an anchor for long sessions)."),
-                io.Float.Input("max_fps", default=15.0, min=1.0, max=120.0, step=1.0,
-                               tooltip="Frames per second sent to the page; generation waits rather than run ahead. "
-                               "The agent steps one tile (8 px) per frame, so this is also its walking speed."),
+                io.Float.Input("max_fps", default=30.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Frames per second sent to the page; generation waits rather than run ahead."),
+                io.Int.Input("frames_per_step", default=2, min=1, max=8,
+                             tooltip="Walking pace: a held key moves the agent one tile (8 px) every this many frames "
+                             "(at 30 FPS, 2 = 15 tiles a second)."),
                 io.Int.Input("idle_seconds", default=120, min=5, max=3600,
                              tooltip="The session stops by itself after this long without a key press."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
@@ -162,7 +164,8 @@ class FastGenWorldSession(io.ComfyNode):
         return time.time()  # every Queue (re)starts the session, even with the same settings
 
     @classmethod
-    def execute(cls, model_name, world_seed, steps, window_frames, sink_frames, max_fps, idle_seconds, seed) -> io.NodeOutput:
+    def execute(cls, model_name, world_seed, steps, window_frames, sink_frames, max_fps, frames_per_step, idle_seconds,
+                seed) -> io.NodeOutput:
         server = prompt_server()
         if server is None:
             raise RuntimeError("FastGen World Session needs ComfyUI's server (its websocket and routes)")
@@ -195,7 +198,8 @@ class FastGenWorldSession(io.ComfyNode):
 
         live = WorldSession(net, (frames, actions), push, data.GAME_ACTIONS, chunk_frames=chunk, steps=steps,
                             sampler=sampler, window_frames=window_frames, sink_frames=sink_frames, max_fps=max_fps,
-                            idle_seconds=idle_seconds, seed=seed, on_stop=stopped, schedule=schedule)
+                            idle_seconds=idle_seconds, seed=seed, on_stop=stopped, schedule=schedule,
+                            frames_per_step=frames_per_step)
         holder["session"] = live
         holder["token"] = SESSIONS.add(live, client_id)
         live.start()

@@ -123,3 +123,14 @@ def test_pacing_holds_the_delivered_rate_near_max_fps():
     status = live.status()
     assert status["fps"] <= 20.0 * 1.2, status
     assert status["generation_fps"] > status["fps"] or status["fps"] > 10, status
+
+
+def test_walking_pace_moves_on_every_nth_frame():
+    live = make(Recorder(), frames_per_step=2)
+    live.act("left")
+    assert live._chunk_actions(0, 4).tolist() == [[3, 0, 3, 0]]
+    assert live._chunk_actions(5, 4).tolist() == [[0, 3, 0, 3]], "the pace follows the video's frame count"
+    live.act("jump")
+    assert live._chunk_actions(8, 4).tolist() == [[5, 0, 3, 0]], "a queued jump goes first"
+    with pytest.raises(ValueError, match="frames_per_step"):
+        make(Recorder(), frames_per_step=0)

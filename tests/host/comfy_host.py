@@ -152,10 +152,12 @@ class ComfyServer:
             async with aiohttp.ClientSession() as http, http.ws_connect(f"{self.url}/ws?clientId={client_id}") as ws:
                 loop = asyncio.get_running_loop()
                 run = loop.run_in_executor(None, lambda: self.run_prompt(prompt, timeout, client_id))
-                while not run.done():
+                quiet_after_done = 0
+                while quiet_after_done < 2:  # until the run is done and the socket has gone quiet (1 s)
                     try:
                         msg = await ws.receive(timeout=0.5)
                     except asyncio.TimeoutError:
+                        quiet_after_done = quiet_after_done + 1 if run.done() else 0
                         continue
                     if msg.type == aiohttp.WSMsgType.BINARY:
                         previews += 1

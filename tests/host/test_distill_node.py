@@ -177,3 +177,17 @@ def test_cancel_stops_at_the_next_iteration_and_leaves_a_resumable_checkpoint(co
     assert 3 <= reached < 100000
     _, entry = run_latent(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2, resume=True))
     assert f"{reached + 2} iterations" in node_text(entry, "d")
+
+
+def test_losses_stream_to_the_page_while_the_node_trains(comfy):
+    """The live chart's feed: every iteration's losses arrive over the websocket of the page that
+    queued the graph (batched), in order, before the node finishes."""
+    entry, events, _ = comfy.run_prompt_watching(distill_graph("fastgen/test_student_live", iterations=8))
+    assert "8 iterations" in node_text(entry, "d")
+    feed = [e["data"] for e in events if e.get("type") == "fastgen.distill.loss"]
+    assert feed and all(d["node"] == "d" and d["iterations"] == 8 for d in feed)
+    records = [r for d in feed for r in d["records"]]
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    assert all(isinstance(r["fake_score"], float) for r in records)
+    # the student updates every update_ratio (2) iterations: its VSD loss comes with those
+    assert [r["iteration"] for r in records if r["vsd"] is not None] == [1, 3, 5, 7]

@@ -15,7 +15,7 @@ import torch
 
 def session_prompt(model="tiny_world.safetensors", **settings):
     inputs = dict(model_name=model, world_seed=7, steps=0, window_frames=8, sink_frames=4, max_fps=60.0,
-                  idle_seconds=60, seed=0)
+                  frames_per_step=1, idle_seconds=60, seed=0)
     inputs.update(settings)
     return {"1": {"class_type": "FastGenWorldSession", "inputs": inputs},
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
