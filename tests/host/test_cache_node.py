@@ -24,9 +24,13 @@ def logged(comfy, run):
     return result, comfy.log()[before:]
 
 
-def cached_teacher(object_info, policy, threshold, steps=12, lora=False):
+def cached_teacher(object_info, policy, threshold, steps=12, lora=False, quantize=None):
     prompt, ids = teacher_prompt(object_info, seed=3, digits="37", batch_size=2, steps=steps)
     model = [ids["FastGenLoadModel"], 0]
+    if quantize:
+        prompt["99"] = {"class_type": "FastGenQuantizeModel",
+                        "inputs": {"model": model, "format": quantize, "layers": "", "calibrate": False, "steps": 2}}
+        model = ["99", 0]
     if lora:
         prompt["100"] = {"class_type": "LoraLoaderModelOnly",
                          "inputs": {"model": model, "lora_name": "digit_test_lora.safetensors", "strength_model": 1.0}}
@@ -88,6 +92,19 @@ def test_cache_composes_with_the_core_lora_loader(comfy, object_info, teacher_re
         np.testing.assert_array_equal(images(comfy, cached_teacher(object_info, policy, 0.0, lora=True)), lora_only)
     cached = images(comfy, cached_teacher(object_info, "step", 0.5, lora=True))
     assert np.abs(cached - lora_only).mean() < np.abs(cached - teacher_reference).mean()  # still the LoRA's images
+
+
+def test_cache_composes_with_the_quantize_node(comfy, object_info, teacher_reference):
+    """Quantize (int8, fake-quant on a CPU) then Cache: nothing skipped gives the quantized model's
+    images exactly; skipping still gives the quantized model's images, not the unquantized ones."""
+    quantized = images(comfy, cached_teacher(object_info, None, 0.0, quantize="int8"))
+    assert np.abs(quantized - teacher_reference).max() > 0  # the quantizers act
+    for policy in ("step", "block"):
+        np.testing.assert_array_equal(images(comfy, cached_teacher(object_info, policy, 0.0, quantize="int8")), quantized)
+    fast, log = logged(comfy, lambda: images(comfy, cached_teacher(object_info, "step", 0.5, quantize="int8")))
+    summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
+    assert not summary.split("skipped ")[1].startswith("0/12"), summary
+    assert np.isfinite(fast).all() and np.abs(fast - quantized).mean() < 0.1
 
 
 def test_few_steps_are_uncached_unless_calibrated(comfy, object_info):

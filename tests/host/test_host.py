@@ -173,3 +173,45 @@ def test_page_shows_the_recipe_on_the_nodes_after_a_run(comfy):
     shown = asyncio.run(run())
     # (the loader's own box is filled only when it runs; an earlier test's run of the same graph is cached)
     assert shown["FastGenStudentSampler"].startswith("4 steps, cfg 1, multistep_sde, sigmas 0.999, 0.75, 0.5, 0.25, 0"), shown
+
+
+def test_dmd_node_draws_its_losses_live_in_the_page(comfy):
+    """The DMD workflow queued from the page (6 iterations): the chart on the node receives every
+    iteration's losses while it trains and draws them."""
+    import asyncio
+    import uuid
+
+    from browser import Browser, find_chromium, load_workflow_in_page, page_errors, queue_from_page
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium for the page test (apt-get install chromium)")
+    workflow = load_workflow("distill_dmd_lora.json")
+    for node in workflow["nodes"]:
+        if node["type"] == "FastGenDistillDMD":
+            node["widgets_values"][1] = 6  # iterations
+            node["widgets_values"][6] = 2  # batch size
+            node["widgets_values"][9] = f"fastgen/page_chart_{uuid.uuid4().hex[:8]}"  # a new save name: never overwritten
+    comfy.post("/settings/Comfy.TutorialCompleted", True)
+    node_js = "window.app.graph._nodes.find(n => n.type === 'FastGenDistillDMD')"
+
+    async def run():
+        browser = await Browser().session()
+        try:
+            assert await load_workflow_in_page(browser, comfy.url, workflow) == []
+            assert await browser.evaluate(f"!!{node_js}.fastgenLossChart")
+            await queue_from_page(browser, comfy, timeout=240)
+            records = await browser.evaluate(f"{node_js}.fastgenLossChart.records.map(r => r.iteration)")
+            label = await browser.evaluate(f"{node_js}.fastgenLossChart.info.textContent")
+            # something was drawn: the canvas has pixels of the two series' colours
+            drawn = await browser.evaluate(f"(() => {{ const c = {node_js}.fastgenLossChart.canvas; "
+                                           "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
+                                           "let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()")
+            return records, label, drawn, await page_errors(browser)
+        finally:
+            await browser.close()
+
+    records, label, drawn, errors = asyncio.run(run())
+    assert records == [1, 2, 3, 4, 5, 6]
+    assert label.startswith("iteration 6 / 6 · fake score") and "student VSD" in label, label
+    assert drawn > 100, f"the chart drew {drawn} pixels"
+    assert errors == [], errors

@@ -237,7 +237,7 @@ def test_play_the_shipped_world_model_in_the_real_page(comfy):
     frames = {}
     for event in events:
         for i, (png, action) in enumerate(zip(event["frames"], event["actions"], strict=False)):
-            frames[event["first"] + i] = (torch.from_numpy(decode(png)).permute(2, 0, 1).float() / 127.5 - 1, action)
+            frames[event["first"] + i] = (torch.from_numpy(decode(png).copy()).permute(2, 0, 1).float() / 127.5 - 1, action)
     agreement = {}
     for name in ("left", "up"):
         moved = [eval_module.estimate_shift(frames[i - 1][0], frame) == data.view_shift(data.GAME_ACTIONS.index(name))
