@@ -1,6 +1,6 @@
 """The embedded game world model, measured against the game's own renderer.
 
-    python benchmarks/world_model.py                      # the shipped model, 2 CPU threads
+    python benchmarks/world_model.py                      # the shipped student (the play workflow's), 2 CPU threads
     python benchmarks/world_model.py --model other.safetensors --episodes 4 --long 300
 
 For held-out worlds (seeds the training never saw), the model gets the first chunk of real frames
@@ -79,7 +79,7 @@ def per_frame(generated, truth, actions, real_frames):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=train.WORLD_PATH)
+    parser.add_argument("--model", default=train.WORLD_STUDENT_PATH)
     parser.add_argument("--episodes", type=int, default=8, help="held-out worlds for the 100-frame test")
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--long", type=int, default=1000, help="frames of the long-horizon run (0: skip)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -289,6 +290,7 @@ def main(argv=None):
     ws.add_argument("--student-steps", type=int, default=2)
     ws.add_argument("--batch", type=int, default=8)
     ws.add_argument("--lr", type=float, default=2e-4)
+    ws.add_argument("--fake-lr", type=float, default=None, help="the fake score's learning rate (default: --lr)")
     ws.add_argument("--rank", type=int, default=16)
     ws.add_argument("--context-chunks", type=int, default=2)
     ws.add_argument("--device", default="cpu")
@@ -301,11 +303,12 @@ def main(argv=None):
         from . import self_forcing
 
         net, teacher_recipe = checkpoint.load_network(args.teacher)
-        settings = self_forcing.SelfForcingSettings(steps=args.student_steps, batch=args.batch, lr=args.lr, fake_lr=args.lr,
+        settings = self_forcing.SelfForcingSettings(steps=args.student_steps, batch=args.batch, lr=args.lr,
+                                                    fake_lr=args.fake_lr or args.lr,
                                                     rank=args.rank, context_chunks=args.context_chunks, seed=args.seed,
                                                     chunk_frames=int(teacher_recipe.extra.get("chunk_frames", 4)))
         student, recipe, _ = self_forcing.distill_world(net.to(args.device), args.minutes, settings=settings,
-                                                         probe=world_probe)
+                                                         probe=world_probe, log=functools.partial(print, flush=True))
         recipe = dataclasses.replace(recipe, teacher=os.path.basename(args.teacher))
         checkpoint.save_network(args.out, student, recipe)
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")

@@ -90,6 +90,9 @@ def prompt_server():
 _models: dict[tuple[str, float], object] = {}
 
 
+DEFAULT_WORLD_MODEL = "embedded/game_world_student.safetensors"
+
+
 def world_models() -> list[str]:
     return embedded_models(ARCH) + user_models(ARCH)
 
@@ -133,9 +136,10 @@ class FastGenWorldSession(io.ComfyNode):
             "before it and your keys (a causal video model with a rolling KV cache).",
             is_output_node=True,
             inputs=[
-                io.Combo.Input("model_name", options=world_models(),
-                               tooltip="A FastGen world model: embedded/… ships with the pack; your own trained ones in "
-                               "models/diffusion_models appear too."),
+                io.Combo.Input("model_name", options=world_models(), default=DEFAULT_WORLD_MODEL,
+                               tooltip="A FastGen world model: embedded/… ships with the pack (game_world_student: "
+                               "2 steps per chunk, self-forcing DMD; game_world_model: its 4-step teacher); your own "
+                               "trained ones in models/diffusion_models appear too."),
                 io.Int.Input("world_seed", default=1000, min=0, max=2**31 - 1,
                              tooltip="Which game world the session starts in (its first frames come from the game's "
                              "renderer; the model imagines everything after)."),

@@ -238,7 +238,7 @@ def world_model_play() -> Graph:
     """The embedded game world model, live: Queue, click the canvas on the node, steer with WASD /
     arrows, Space to jump. The start view (the renderer's first frames) is previewed beside it."""
     g = Graph()
-    session = g.node("FastGenWorldSession", ["embedded/game_world_model.safetensors", 1000, 0, 12, 4, 30.0, 2, 120, 0, "fixed"],
+    session = g.node("FastGenWorldSession", ["embedded/game_world_student.safetensors", 1000, 0, 12, 4, 30.0, 2, 120, 0, "fixed"],
                      outputs=[("start_view", "IMAGE")], pos=(40, 60), size=(320, 620))
     preview = g.node("PreviewImage", inputs=[("images", "IMAGE")], pos=(400, 60), size=(260, 300))
     g.link(session, 0, preview, "images")

@@ -9,7 +9,7 @@ import torch
 from fastgen_core import checkpoint, data, train, world
 from fastgen_core import eval as eval_module
 
-SHIPPED = [train.WORLD_PATH]
+SHIPPED = [train.WORLD_PATH, train.WORLD_STUDENT_PATH]
 
 
 def held_key_agreement(path, worlds=(1_000_000, 1_000_001)):
