@@ -24,9 +24,12 @@ def logged(comfy, run):
     return result, comfy.log()[before:]
 
 
-def cached_teacher(object_info, policy, threshold, steps=12, lora=False, quantize=None):
+def cached_teacher(object_info, policy, threshold, steps=12, lora=False, quantize=None, compile_backend=None):
     prompt, ids = teacher_prompt(object_info, seed=3, digits="37", batch_size=2, steps=steps)
     model = [ids["FastGenLoadModel"], 0]
+    if compile_backend:
+        prompt["98"] = {"class_type": "TorchCompileModel", "inputs": {"model": model, "backend": compile_backend}}
+        model = ["98", 0]
     if quantize:
         prompt["99"] = {"class_type": "FastGenQuantizeModel",
                         "inputs": {"model": model, "format": quantize, "layers": "", "calibrate": False, "steps": 2}}
@@ -105,6 +108,20 @@ def test_cache_composes_with_the_quantize_node(comfy, object_info, teacher_refer
     summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
     assert not summary.split("skipped ")[1].startswith("0/12"), summary
     assert np.isfinite(fast).all() and np.abs(fast - quantized).mean() < 0.1
+
+
+def test_cache_composes_with_torch_compile(comfy, object_info, teacher_reference):
+    """The host's TorchCompileModel (inductor) then Cache: nothing skipped gives the compiled model's
+    images exactly, skipping skips (the wrapper runs around the compiled model)."""
+    compiled, log = logged(comfy, lambda: images(comfy, cached_teacher(object_info, None, 0.0, compile_backend="inductor")))
+    assert np.abs(compiled - teacher_reference).max() < 0.02  # the same model, compiled
+    for policy in ("step", "block"):
+        np.testing.assert_array_equal(images(comfy, cached_teacher(object_info, policy, 0.0, compile_backend="inductor")),
+                                      compiled)
+    fast, log = logged(comfy, lambda: images(comfy, cached_teacher(object_info, "step", 0.5, compile_backend="inductor")))
+    summary = [line for line in log.splitlines() if "FastGen Cache: skipped" in line][-1]
+    assert not summary.split("skipped ")[1].startswith("0/12"), summary
+    assert np.isfinite(fast).all() and np.abs(fast - compiled).mean() < 0.1
 
 
 def test_few_steps_are_uncached_unless_calibrated(comfy, object_info):
