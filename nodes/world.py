@@ -16,6 +16,7 @@ import comfy.sample
 import comfy.utils
 import latent_preview
 import torch
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io, ui
 from PIL import Image
 
@@ -24,6 +25,7 @@ from .adapters.recipes import model_recipe, recipe_sigmas
 from .adapters.wan_causal import WanCausalRun, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
+from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
 from .students import plan_sampling, recipe_sampler
 
 
@@ -46,6 +48,18 @@ def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
     return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
 
 
+def context_options(model) -> dict:
+    """transformer_options for the context pass. It runs outside sampling, where the host hands the
+    MODEL's wrappers to the model; it gets the quantize wrapper (the cached keys must come from the
+    same quantized layers as the denoising passes) and no other: a caching wrapper could reuse an
+    earlier output instead of running the blocks whose keys the cache needs."""
+    options = dict(model.model_options["transformer_options"])
+    quantize = model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(QUANTIZE_WRAPPER_KEY)
+    if quantize:
+        options["wrappers"] = {WrappersMP.APPLY_MODEL: {QUANTIZE_WRAPPER_KEY: list(quantize)}}
+    return options
+
+
 def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
     """The finished chunk once more at noise level 0: its keys and values go into the cache."""
     comfy.model_management.load_models_gpu([model])
@@ -54,8 +68,7 @@ def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
     x = latents.to(device)
     run.begin_chunk(x.shape, device, base.get_dtype(), write=True)
     with torch.no_grad():
-        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=model.model_options["transformer_options"],
-                         **inputs)
+        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=context_options(model), **inputs)
     run.end_chunk(x.shape[2])
 
 

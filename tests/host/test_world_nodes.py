@@ -68,3 +68,27 @@ def test_streamed_frames_equal_the_stock_decode_of_the_whole_latent(comfy):
     assert a.shape == (13, 32, 32) and b.shape == a.shape  # 4 latent frames -> 1 + 3 * 4 video frames
     assert a.std() > 0.01, "the random VAE decodes to a flat image: the comparison would be empty"
     assert abs(a - b).max() <= 1 / 255
+
+
+def test_the_context_pass_runs_the_quantized_layers_and_no_cache(comfy):
+    """Quantize then Cache before the Causal Video Sampler: the context pass (outside sampling, where
+    the host hands out no wrappers) gets the quantize wrapper, so the cached keys come from the same
+    quantized layers as the denoising passes, and not the cache's, which could skip the blocks."""
+    prompt = graph(unet("tiny_wan.safetensors"), ["m", 0], family=WAN)
+    prompt = {k: v for k, v in prompt.items() if k in ("m", "c1")}
+    prompt["q"] = {"class_type": "FastGenQuantizeModel",
+                   "inputs": {"model": ["m", 0], "format": "int8", "layers": "", "calibrate": False, "steps": 2}}
+    prompt["k"] = {"class_type": "FastGenCache", "inputs": {"model": ["q", 0], "policy": "step", "threshold": 0.5,
+                                                            "start": 0.0, "end": 1.0}}
+    prompt["quantized"] = {"class_type": "FastGenTestContextPass", "inputs": {"model": ["k", 0], "positive": ["c1", 0]}}
+    prompt["plain"] = {"class_type": "FastGenTestContextPass", "inputs": {"model": ["m", 0], "positive": ["c1", 0]}}
+    entry = comfy.run_prompt(prompt)
+    keys, difference = node_text(entry, "quantized").split(" | ")
+    assert keys == "wrappers fastgen_quant" and float(difference.split()[1]) > 0, node_text(entry, "quantized")
+    assert node_text(entry, "plain") == "wrappers - | difference 0.000e+00"
+    # and the whole loop runs on that MODEL
+    video = causal_graph(latent_frames=4)
+    video["q"], video["k"] = prompt["q"], prompt["k"]
+    video["s"]["inputs"]["model"] = ["k", 0]
+    latent, _ = run_latent(comfy, video)
+    assert torch.isfinite(latent).all()

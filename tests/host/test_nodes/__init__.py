@@ -87,4 +87,47 @@ class FastGenTestCausalExactness:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
-NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning, "FastGenTestCausalExactness": FastGenTestCausalExactness}
+class FastGenTestContextPass:
+    """The Causal Video Sampler's context pass on one random chunk: the APPLY_MODEL wrapper keys it
+    gets, and how far the keys it writes into the cache are from those of the bare model's layers."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    def run(self, model, positive):
+        import comfy.model_management
+        from comfy.patcher_extension import WrappersMP
+
+        world_nodes, world = _pack_module(".nodes.world"), _pack_module(".fastgen_core.world")
+        wan_causal, distill_nodes = _pack_module(".nodes.adapters.wan_causal"), _pack_module(".nodes.distill")
+        comfy.model_management.load_models_gpu([model])
+        device = comfy.model_management.get_torch_device()
+        keys = sorted(world_nodes.context_options(model).get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}))
+        x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+
+        def cached_keys(options):
+            run = wan_causal.WanCausalRun(model.get_model_object("diffusion_model"), world.KVCache(token_dim=1))
+            causal = wan_causal.make_causal(model, run)
+            inputs = distill_nodes.model_conds(causal.model, positive, "positive", (16, 2, 4, 4), device)[0]
+            real = world_nodes.context_options
+            world_nodes.context_options = options or real
+            try:
+                world_nodes.context_pass(causal, run, x, inputs)
+            finally:
+                world_nodes.context_options = real
+            return torch.cat([k.flatten() for k, _ in run.cache.layers])
+
+        through_pass = cached_keys(None)
+        bare = cached_keys(lambda m: dict(m.model_options["transformer_options"]))
+        text = f"wrappers {','.join(keys) or '-'} | difference {float((through_pass - bare).abs().max()):.3e}"
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning, "FastGenTestCausalExactness": FastGenTestCausalExactness,
+                       "FastGenTestContextPass": FastGenTestContextPass}
