@@ -23,6 +23,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
 from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
+from .world_session import prompt_server
 
 LOSS_EVENT = "fastgen.distill.loss"
 
@@ -33,12 +34,7 @@ class LossEvents:
     by a tool, or a prompt without a client) it does nothing."""
 
     def __init__(self, node_id, iterations: int, interval: float = 0.2):
-        try:
-            from server import PromptServer
-
-            self.server = getattr(PromptServer, "instance", None)
-        except ImportError:
-            self.server = None
+        self.server = prompt_server()
         self.client = getattr(self.server, "client_id", None)
         self.node_id, self.iterations, self.interval = node_id, iterations, interval
         self.pending, self.last = [], 0.0
