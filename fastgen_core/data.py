@@ -86,8 +86,8 @@ GAME_VIEW = 64  # frames are GAME_VIEW x GAME_VIEW RGB
 GAME_WORLD = 256  # the world is a GAME_WORLD-square torus: the camera never reaches an edge
 # Pixels per frame: one 8-px tile, the world model's patch. The agent steps tile to tile, as in a
 # tile-based game: with camera-relative RoPE a whole-patch move is "look up the same place of the
-# world", learned in minutes on a CPU (81 % motion agreement after 1,000 small steps), where 2- and
-# 4-px moves (sub-patch resampling) stayed at 1 % and 8 % (benchmarks/RESULTS.md, #8).
+# world", learned in minutes on a CPU (100 % motion agreement after 1,000 small steps), where 2- and
+# 4-px moves (sub-patch resampling) reached 17 % and 41 % (benchmarks/world_positions.py).
 GAME_SPEED = 8
 JUMP_FRAMES = 6
 _MOVES = {1: (0, -1), 2: (0, 1), 3: (-1, 0), 4: (1, 0)}  # (dx, dy) per action
