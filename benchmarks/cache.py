@@ -20,6 +20,7 @@ time uncached vs with each policy attached. `--small` shrinks it to CPU size (2 
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import importlib.util
 import json
 import logging
@@ -51,9 +52,47 @@ PROFILE_SWEEP = [0.02, 0.05, 0.1, 0.2]  # the step policy deciding from a calibr
 STEP_MAX_SKIPS = 6  # the step policy's sweep lets up to 6 skips in a row (node default 4)
 
 
+class _InertModule(types.ModuleType):
+    """A module whose every public attribute is an empty class."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = type(name, (), {})
+        setattr(self, name, value)
+        return value
+
+
+class _InertPyAV(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Stands in for PyAV (`av` and its submodules). The lent GPU's image has no PyAV, and its
+    36 MB wheel does not fit beside the host in what a device call may carry; the host imports it
+    at start-up for its video nodes (type annotations and isinstance checks), which the benchmark
+    never runs. Used only when `import av` fails."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "av" or fullname.startswith("av."):
+            return importlib.util.spec_from_loader(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _InertModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def stand_in_for_missing_pyav():
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        print("PyAV is not installed: an inert stand-in lets the host's video modules import (nothing here decodes video)")
+        sys.meta_path.insert(0, _InertPyAV())
+
+
 def load_host(comfyui: str, cpu: bool = True):
     """The host in this process (no server) and the pack as a package, as ComfyUI imports it."""
     sys.path.insert(0, comfyui)
+    stand_in_for_missing_pyav()
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     import comfy.cli_args
 

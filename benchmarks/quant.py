@@ -9,7 +9,8 @@ Each quantized run is what the nodes run: `fastgen_core.quant.LayerQuantizers` r
 Linear layers through modelopt quantizers (FastGen Quantize Model: bf16 originals kept, quantized
 codes cached beside them; "compact": FastGen Load Quantized Model's default, the layers held as
 codes only), with the path `choose_path` picks for the device (fp8: torch._scaled_mm on SM >= 8.9; int8: torch._int_mm on SM >= 8.0; else
-fake-quant). Attention stays bf16 (SDPA). For each run it prints the time per forward, the compute
+fake-quant). The activation cast runs fused by torch.compile on CUDA, as in the nodes; the "eager"
+rows run it unfused for comparison. Attention stays bf16 (SDPA). For each run it prints the time per forward, the compute
 floor (the stack's FLOPs at the GEMM throughput measured at the start of the run, per precision),
 the speed ratio to bf16, the relative error of the output against bf16 and the peak memory.
 
@@ -205,7 +206,11 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
     rows.append(dict(run="bf16", path="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
                      floor=(linear_flop + attention_flop) / throughput["bf16"],
                      weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
-    for fmt, compact in (("fp8", False), ("int8", False), ("fp8", True), ("int8", True)):
+    runs = [("fp8", False, True), ("int8", False, True), ("fp8", True, True), ("int8", True, True)]
+    if device.type == "cuda":  # the same GEMMs with the activation cast left eager (modelopt's five passes)
+        runs[2:2] = [("fp8", False, False), ("int8", False, False)]
+    for fmt, compact, fused in runs:
+        os.environ["FASTGEN_QUANT_COMPILE"] = "1" if fused else "0"
         if compact:  # FastGen Load Quantized Model's default: the layers held as codes, originals dropped
             del stack
             stack, x = build(kind, cfg, device, torch.bfloat16)
@@ -221,7 +226,7 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
             out = stack(x)
             seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
         gemm = throughput.get(path, throughput["bf16"])
-        rows.append(dict(run=fmt + (" compact" if compact else ""), path=why, seconds=seconds, memory=peak_memory(device),
+        rows.append(dict(run=fmt + (" compact" if compact else "") + ("" if fused else " eager"), path=why, seconds=seconds, memory=peak_memory(device),
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
                          cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values()),

@@ -43,6 +43,7 @@ import copy
 import fnmatch
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -445,22 +446,18 @@ class LayerQuantizers:
     # -- compute
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               weight_key=None, compressed=None) -> torch.Tensor:
+               weight_key=None) -> torch.Tensor:
         """One selected layer on input x with the host's current weight and bias.
 
         `weight_key` identifies this weight's version (None: not cacheable, e.g. low-VRAM patches
-        computed per call): the real paths quantize a weight once per version. `compressed`:
-        (codes, scale) of a layer stored compact (see `compact_layer`), used as they are."""
+        computed per call): the real paths quantize a weight once per version. A layer stored
+        compact (see `compact_layer`) runs on its codes through `compact_linear` instead."""
         shadow = self.shadows[name]
         if self.path in ("fp8", "int8") and _gemm_shapes_ok(x, weight, self.path):
             try:
-                if compressed is not None and compressed[0].dtype == _CODE_DTYPES[self.path]:
-                    return self._gemm(shadow, x, *compressed, bias)
                 return self._real_linear(name, shadow, x, weight, bias, weight_key)
             except RuntimeError as err:  # a torch / driver without this kernel: keep the run going
-                log.warning("FastGen quantize: the %s GEMM failed on %s (%s); running fake-quant from now on",
-                            self.path, name, str(err).splitlines()[0][:200])
-                self.path, self.fallback = "fake", str(err).splitlines()[0][:200]
+                self._give_up_real_path(name, err)
         shadow._parameters["weight"] = weight
         shadow._parameters["bias"] = bias
         try:
@@ -468,6 +465,24 @@ class LayerQuantizers:
         finally:
             if not shadow.input_quantizer._if_calib:  # keep the last weight for SmoothQuant / AWQ postprocessing
                 self._restore_layer(name, shadow)
+
+    def compact_linear(self, name: str, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A compact layer straight on its stored codes, or None where the real GEMM cannot take
+        it (then the caller dequantizes the weight and goes through `linear`)."""
+        if self.path not in ("fp8", "int8") or codes.dtype != _CODE_DTYPES[self.path] or codes.device != x.device \
+                or not _gemm_shapes_ok(x, codes, self.path):
+            return None
+        try:
+            return self._gemm(self.shadows[name], x, codes, scale, bias)
+        except RuntimeError as err:
+            self._give_up_real_path(name, err)
+            return None
+
+    def _give_up_real_path(self, name, err):
+        log.warning("FastGen quantize: the %s GEMM failed on %s (%s); running fake-quant from now on",
+                    self.path, name, str(err).splitlines()[0][:200])
+        self.path, self.fallback = "fake", str(err).splitlines()[0][:200]
 
     def _restore_layer(self, name, shadow):
         for key, value in self._base[name].items():
@@ -519,11 +534,14 @@ class _QuantForward:
         self.bank, self.name, self.module, self.weights = bank, name, module, weights
 
     def __call__(self, x, *args, **kwargs):
-        weight, bias, key = self.weights(self.module, x)
         compressed = compact_codes(self.module, self.bank.path)
-        if compressed is not None and compressed[0].device != x.device:
-            compressed = None
-        return self.bank.linear(self.name, x, weight, bias, key, compressed)
+        if compressed is not None:  # codes as stored: no per-call dequantized copy of the weight
+            bias = self.module.bias
+            out = self.bank.compact_linear(self.name, x, *compressed, None if bias is None else bias.to(x.dtype))
+            if out is not None:
+                return out
+        weight, bias, key = self.weights(self.module, x)
+        return self.bank.linear(self.name, x, weight, bias, key)
 
 
 def _plain_weights(module: nn.Module, x: torch.Tensor):
@@ -596,23 +614,72 @@ def compress_weight(weight: torch.Tensor, path: str) -> tuple[torch.Tensor, torc
     return qtensor._quantized_data.contiguous(), scale.float().reshape(-1)
 
 
-def _dynamic_scale(x: torch.Tensor, amax, qmax: float) -> torch.Tensor:
+def _activation_codes(x2: torch.Tensor, amax, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-tensor float32 scale) of an activation by modelopt's QTensors: dynamic range
+    (`reduce_amax`) unless a calibration fixed it, then saturated to it as the fake path does.
+
+    Pure tensor code with no host sync, so `_fused` can compile it into two passes over x (one
+    reduction, one cast); eager, modelopt's reduce / divide / cast take about five, which on a
+    Hopper cost as much as the fp8 GEMM saves."""
+    from modelopt.torch.quantization.qtensor import FP8QTensor, INT8QTensor
     from modelopt.torch.quantization.utils import reduce_amax
 
-    amax = reduce_amax(x) if amax is None else amax.to(x.device)
-    return (amax.float().max() / qmax).clamp_min(1e-12)  # per tensor, also from a per-channel calibrated range
+    qmax = 448.0 if fmt == "fp8" else 127.0
+    if amax is None:
+        scale = (reduce_amax(x2).float() / qmax).clamp_min(1e-12)
+    else:  # per tensor, also from a per-channel calibrated range
+        limit = amax.to(x2.device).float().max()
+        scale = (limit / qmax).clamp_min(1e-12)
+        x2 = torch.minimum(torch.maximum(x2, -limit.to(x2.dtype)), limit.to(x2.dtype))
+    qtensor = FP8QTensor if fmt == "fp8" else INT8QTensor
+    return qtensor.quantize(x2, scales=scale)[0]._quantized_data, scale
+
+
+def _int8_epilogue(acc: torch.Tensor, x_scale, w_scale, bias, dtype) -> torch.Tensor:
+    """int32 GEMM accumulators -> dtype: per-tensor activation scale x per-channel weight scale, + bias."""
+    out = acc.to(torch.float32) * (x_scale * w_scale)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+_FUSED: dict = {}
+
+
+def _fused(fn, x: torch.Tensor):
+    """`fn` compiled by torch.compile on CUDA (its elementwise passes fused by inductor), eager
+    elsewhere, eager for good if compiling fails here (no Triton, no compiler). Shapes are
+    dynamic: one compiled kernel set serves every layer width and token count.
+    FASTGEN_QUANT_COMPILE=0 turns it off."""
+    if x.device.type != "cuda" or os.environ.get("FASTGEN_QUANT_COMPILE", "1") == "0":
+        return fn
+    entry = _FUSED.get(fn)
+    if entry is None:
+        entry = _FUSED[fn] = _FirstCallFallback(fn)
+    return entry
+
+
+class _FirstCallFallback:
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function is exact
+            log.warning("FastGen quantize: torch.compile of %s failed (%s); running it eagerly",
+                        self.fn.__name__, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            self.compiled = None
+            return self.fn(*args)
 
 
 def fp8_linear(x, w_fp8, w_scale, bias=None, input_amax=None):
     """y = x W^T + b with fp8 e4m3 operands through torch._scaled_mm (per-tensor scales)."""
-    from modelopt.torch.quantization.qtensor import FP8QTensor
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x_scale = _dynamic_scale(x2, input_amax, 448.0)
-    if input_amax is not None:  # a calibrated range may be exceeded: saturate, as the fake path does
-        x2 = x2.clamp(-float(input_amax.max()), float(input_amax.max()))
-    x_fp8 = FP8QTensor.quantize(x2, scales=x_scale)[0]._quantized_data
+    x_fp8, x_scale = _fused(_activation_codes, x)(x2, input_amax, "fp8")
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.reshape(()),
                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
@@ -622,20 +689,15 @@ def fp8_linear(x, w_fp8, w_scale, bias=None, input_amax=None):
 def int8_linear(x, w_int8, w_scale, bias=None, input_amax=None):
     """y = x W^T + b with int8 operands through torch._int_mm (int32 accumulation), rescaled per
     tensor (activations) and per output channel (weights)."""
-    from modelopt.torch.quantization.qtensor import INT8QTensor
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x_scale = _dynamic_scale(x2, input_amax, 127.0)
-    x_int8 = INT8QTensor.quantize(x2, scales=x_scale)[0]._quantized_data
+    x_int8, x_scale = _fused(_activation_codes, x)(x2, input_amax, "int8")
     try:
         acc = torch._int_mm(x_int8, w_int8.t())
     except RuntimeError:  # a build that wants the second operand row-major
         acc = torch._int_mm(x_int8, w_int8.t().contiguous())
-    out = acc.to(torch.float32) * (x_scale * w_scale.to(acc.device))
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*shape[:-1], -1)
+    out = _fused(_int8_epilogue, x)(acc, x_scale, w_scale.to(acc.device), bias, x.dtype)
+    return out.reshape(*shape[:-1], -1)
 
 
 _CODE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}

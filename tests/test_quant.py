@@ -282,8 +282,13 @@ def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
         compact = one_call(net)
     torch.testing.assert_close(compact, expected, rtol=0, atol=0)
     bank.path = fmt  # what a GPU with the kernel runs: the GEMM straight on the stored codes
-    with bank.installed(net):
-        real = one_call(net)
+    dequantize = quant.dequantized
+    quant.dequantized = lambda *a: pytest.fail("the real path dequantized a compact weight")
+    try:
+        with bank.installed(net):
+            real = one_call(net)
+    finally:
+        quant.dequantized = dequantize
     assert relative_error(real, expected) < 0.05 and not bank._cache  # no second copy of the weights
 
     values = fc1.convert_weight(fc1.weight.float())  # the host: codes -> values, add the patch, set
@@ -329,3 +334,44 @@ def test_a_compact_model_can_be_quantized_again_in_another_format():
         out = one_call(net)
     assert relative_error(out, expected) < 0.05  # fp8 of int8-rounded weights vs fp8 of the originals
     assert all(net.get_submodule(n).weight.dtype == torch.int8 for n in again.layers)  # still compact
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_activation_codes_are_modelopts_and_compile_as_one_graph(fmt):
+    """The real paths' activation cast is modelopt's QTensor code written so that torch.compile
+    fuses it on CUDA: same codes as modelopt's quantize in eager, one graph with no breaks (a
+    break would bring back the separate passes), calibrated ranges saturate without a host sync."""
+    from modelopt.torch.quantization.qtensor import FP8QTensor, INT8QTensor
+    from modelopt.torch.quantization.utils import reduce_amax
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).bfloat16() * 3
+    qmax, qtensor = (448.0, FP8QTensor) if fmt == "fp8" else (127.0, INT8QTensor)
+    codes, scale = quant._activation_codes(x, None, fmt)
+    expected_codes, expected_scale = qtensor.quantize(x, scales=reduce_amax(x).float() / qmax)
+    assert torch.equal(codes.float(), expected_codes._quantized_data.float()) and torch.equal(scale, expected_scale)
+
+    calibrated = torch.tensor([1.0, 2.0])  # a per-channel calibrated range: its max, per tensor
+    codes, scale = quant._activation_codes(x, calibrated, fmt)
+    assert scale.item() == pytest.approx(2.0 / qmax) and codes.float().abs().max().item() == pytest.approx(qmax)
+
+    for amax in (None, calibrated):
+        explained = torch._dynamo.explain(quant._activation_codes)(x, amax, fmt)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no compiler here")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(quant, "_FUSED", {})
+    x = torch.randn(8, 16)
+    assert quant._fused(quant._activation_codes, x) is quant._activation_codes  # CPU: eager, nothing compiled
+    fused = quant._FirstCallFallback(quant._activation_codes)
+    with caplog.at_level("WARNING", logger="fastgen"):
+        codes, scale = fused(x, None, "int8")
+        again, _ = fused(x, None, "int8")
+    assert torch.equal(codes, quant._activation_codes(x, None, "int8")[0]) and torch.equal(codes, again)
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
