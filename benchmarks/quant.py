@@ -226,7 +226,8 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
             out = stack(x)
             seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
         gemm = throughput.get(path, throughput["bf16"])
-        rows.append(dict(run=fmt + (" compact" if compact else "") + ("" if fused else " eager"), path=why, seconds=seconds, memory=peak_memory(device),
+        label = fmt + (" compact" if compact else "") + ("" if fused else " eager")
+        rows.append(dict(run=label, path=why, seconds=seconds, memory=peak_memory(device),
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
                          cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values()),
