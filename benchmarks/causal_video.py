@@ -15,6 +15,7 @@ pass at sigma 0 per chunk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -139,6 +140,8 @@ def main():
     parser.add_argument("--chunk", type=int, default=3)
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
+    parser.add_argument("--variants", default="bf16",
+                        help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), combined with +")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
@@ -167,20 +170,72 @@ def main():
     print(f"{name}, torch {torch.__version__}, {dtype}; Wan {params:.2f} B params, {args.width}x{args.height}, "
           f"{chunks} chunks x {args.chunk} latent frames, {args.steps} steps + 1 context pass per chunk; streaming VAE decode; "
           f"cudnn.benchmark {args.cudnn_benchmark}")
-    rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, min(2, chunks))  # warm-up
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    first, total, transformer, decode, frames, cache = rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context,
-                                                               args, device, dtype, chunks)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        attention_backends(dm, args, dtype)
     tflop = floor_tflop(args, layers=size["num_layers"], dim=size["dim"], ffn=size["ffn_dim"])
-    floor_s = tflop / args.peak_tflops
-    print(f"video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; first chunk (denoised + decoded) {first:.3f} s")
-    print(f"transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), VAE decode {decode:.2f} s "
-          f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB")
-    print(f"transformer compute floor: {tflop:.0f} TFLOP for the video ({tflop / frames:.1f} per frame), {floor_s:.2f} s at "
-          f"{args.peak_tflops:g} TFLOP/s; reached {floor_s / transformer:.0%} of it")
+    for variant in args.variants.split(","):
+        with variant_installed(variant, dm, device):
+            rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, min(2, chunks))  # warm-up
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            first, total, transformer, decode, frames, cache = rollout(
+                dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, chunks)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        floor_s = tflop / args.peak_tflops
+        print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; first chunk (denoised + decoded) {first:.3f} s")
+        print(f"[{variant}] transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), VAE decode {decode:.2f} s "
+              f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB")
+        print(f"[{variant}] transformer compute floor (bf16): {tflop:.0f} TFLOP for the video ({tflop / frames:.1f} per frame), "
+              f"{floor_s:.2f} s at {args.peak_tflops:g} TFLOP/s; reached {floor_s / transformer:.0%} of it")
 
+
+@contextlib.contextmanager
+def variant_installed(variant: str, dm, device):
+    """'bf16' as is; 'fp8' / 'int8': the block Linears through FastGen's quantize path (what FastGen
+    Quantize Model installs); 'cudnn': SDPA on cuDNN's attention kernels instead of the default
+    choice; combined with '+'."""
+    with contextlib.ExitStack() as stack:
+        for part in variant.split("+"):
+            if part in ("fp8", "int8"):
+                from fastgen_core import quant
+
+                bank = quant.quantize_model(dm, part)
+                bank.path, why = quant.choose_path(bank.format, torch.device(device))
+                print(f"[{variant}] {bank.quantized_count()} layers quantized: {why}")
+                stack.enter_context(bank.installed(dm))
+            elif part == "cudnn":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
+            elif part != "bf16":
+                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn)")
+        yield
+
+
+def attention_backends(dm, args, dtype):
+    """One block's self-attention of the last chunk (all cached frames as keys), per SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = dm.num_heads, dm.dim
+    tokens = args.chunk * (args.height // 16) * (args.width // 16)
+    keys = (args.frames // args.chunk) * tokens
+    q = torch.randn(1, heads, tokens, dim // heads, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, heads, keys, dim // heads, device="cuda", dtype=dtype) for _ in range(2))
+    flop = 4 * tokens * keys * dim
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                for _ in range(3):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(20):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / 20
+            print(f"SDPA {backend.name}: {tokens} queries x {keys} keys, {seconds * 1e3:.2f} ms = {flop / seconds / 1e12:.0f} TFLOP/s")
+        except RuntimeError as err:
+            print(f"SDPA {backend.name}: not available ({str(err).splitlines()[0][:120]})")
 
 if __name__ == "__main__":
     main()

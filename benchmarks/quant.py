@@ -225,6 +225,8 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         with torch.no_grad(), bank.installed(stack):
             out = stack(x)
             seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
+            if args.profile and fused and not compact and fmt == "fp8":
+                profile(lambda s=stack, i=x: s(i), f"{kind} {fmt}")
         gemm = throughput.get(path, throughput["bf16"])
         label = fmt + (" compact" if compact else "") + ("" if fused else " eager")
         rows.append(dict(run=label, path=why, seconds=seconds, memory=peak_memory(device),
@@ -248,6 +250,19 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
     return rows
 
 
+def profile(fn, label):
+    """Where the time of one quantized forward goes, per kernel (torch.profiler, CUDA time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\nprofile of 3 forwards ({label}), top kernels by CUDA time:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def flop_text(flop: float) -> str:
     return f"{flop / 1e12:.2f} TFLOP" if flop >= 1e11 else f"{flop / 1e9:.2f} GFLOP"
 
@@ -269,6 +284,7 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=0, help="blocks per stack (0: flux 8, wan 30; small: 2)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of the fp8 run (CUDA)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
