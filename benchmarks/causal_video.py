@@ -182,7 +182,8 @@ def main():
                 dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, chunks)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         floor_s = tflop / args.peak_tflops
-        print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; first chunk (denoised + decoded) {first:.3f} s")
+        print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; "
+              f"first chunk (denoised + decoded) {first:.3f} s")
         print(f"[{variant}] transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), VAE decode {decode:.2f} s "
               f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB")
         print(f"[{variant}] transformer compute floor (bf16): {tflop:.0f} TFLOP for the video ({tflop / frames:.1f} per frame), "
