@@ -142,6 +142,7 @@ def main():
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
     parser.add_argument("--variants", default="bf16",
                         help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), combined with +")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of one chunk per variant")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
@@ -180,6 +181,13 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
             first, total, transformer, decode, frames, cache = rollout(
                 dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, chunks)
+            if args.profile and device == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, 1)
+                print(f"[{variant}] profile of one chunk, top by CUDA time:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         floor_s = tflop / args.peak_tflops
         print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; "

@@ -206,15 +206,22 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
     rows.append(dict(run="bf16", path="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
                      floor=(linear_flop + attention_flop) / throughput["bf16"],
                      weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
-    runs = [("fp8", False, True), ("int8", False, True), ("fp8", True, True), ("int8", True, True)]
+    runs = [("fp8", False, True, False), ("int8", False, True, False), ("fp8", False, True, True)]
     if device.type == "cuda":  # the same GEMMs with the activation cast left eager (modelopt's five passes)
-        runs[2:2] = [("fp8", False, False), ("int8", False, False)]
-    for fmt, compact, fused in runs:
+        runs += [("fp8", False, False, False), ("int8", False, False, False)]
+    if not args.skip_compact:
+        runs += [("fp8", True, True, False), ("int8", True, True, False)]
+    for fmt, compact, fused, static in runs:
         os.environ["FASTGEN_QUANT_COMPILE"] = "1" if fused else "0"
         if compact:  # FastGen Load Quantized Model's default: the layers held as codes, originals dropped
             del stack
             stack, x = build(kind, cfg, device, torch.bfloat16)
         bank = quant.quantize_model(stack, fmt, pattern="blocks.*")
+        if static:  # activation ranges calibrated once (FastGen Quantize Model's calibrate): no per-call reduction
+            def forward_loop(b=bank, s=stack, i=x):
+                with torch.no_grad(), b.installed(s):
+                    s(i)
+            bank.calibrate(forward_loop)
         if compact:
             quant.compact_layers(stack, bank)
         path, why = quant.choose_path(bank.format, device)
@@ -225,10 +232,10 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         with torch.no_grad(), bank.installed(stack):
             out = stack(x)
             seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
-            if args.profile and fused and not compact and fmt == "fp8":
+            if args.profile and fused and not compact and fmt == "fp8" and not static:
                 profile(lambda s=stack, i=x: s(i), f"{kind} {fmt}")
         gemm = throughput.get(path, throughput["bf16"])
-        label = fmt + (" compact" if compact else "") + ("" if fused else " eager")
+        label = fmt + (" compact" if compact else "") + ("" if fused else " eager") + (" static" if static else "")
         rows.append(dict(run=label, path=why, seconds=seconds, memory=peak_memory(device),
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
@@ -285,6 +292,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of the fp8 run (CUDA)")
+    parser.add_argument("--skip-compact", action="store_true", help="leave out the compact rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)

@@ -625,8 +625,9 @@ def _activation_codes(x2: torch.Tensor, amax, fmt: str) -> tuple[torch.Tensor, t
     from modelopt.torch.quantization.utils import reduce_amax
 
     qmax = 448.0 if fmt == "fp8" else 127.0
-    if amax is None:
-        scale = (reduce_amax(x2).float() / qmax).clamp_min(1e-12)
+    if amax is None:  # per row, then over rows: a parallel reduction (compiled with dynamic shapes, one
+        # reduction to a scalar ran on few blocks: 72 us for a 4608 x 3072 tensor on an H200)
+        scale = (reduce_amax(x2, axis=-1).max().float() / qmax).clamp_min(1e-12)
     else:  # per tensor, also from a per-channel calibrated range
         limit = amax.to(x2.device).float().max()
         scale = (limit / qmax).clamp_min(1e-12)
