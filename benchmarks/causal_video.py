@@ -92,6 +92,7 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks):
     start = time.perf_counter()
     first = transformer = decode = 0.0
     frames = 0
+    chunk_times = []
     with torch.no_grad():
         for _ in range(chunks):
             t0 = time.perf_counter()
@@ -111,9 +112,11 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks):
             t2 = time.perf_counter()
             frames += pixels.shape[2]
             transformer += t1 - t0
+            chunk_times.append(round(t1 - t0, 3))
             decode += t2 - t1
             if not first:
                 first = t2 - start
+    print(f"  transformer seconds per chunk: {chunk_times}")
     return first, time.perf_counter() - start, transformer, decode, frames, cache
 
 
