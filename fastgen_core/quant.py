@@ -667,6 +667,9 @@ class _FirstCallFallback:
     def __call__(self, *args):
         if self.compiled is None:
             return self.fn(*args)
+        # Plain aliases, not views: outside inference mode a reshaped activation is a view, and
+        # dynamo guards on its base's sizes (a guard that failed and recompiled per call site)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function is exact
