@@ -161,7 +161,8 @@ class FastGenQuantizeModel(io.ComfyNode):
                                 "'blocks.*.ffn.*, blocks.*.self_attn.*'; a glob that matches nothing is an error."),
                 io.Boolean.Input("calibrate", default=False, tooltip="Off: calibration-free dynamic scaling (per call). "
                                  "On: run `steps` sampling steps on `positive` + `latent` to fix activation ranges (and "
-                                 "search SmoothQuant / AWQ scales, which need it)."),
+                                 "search SmoothQuant / AWQ scales, which need it). On an fp8 GPU fixed ranges are also faster "
+                                 "(no per-call range pass: 1.31x vs 1.18x over bf16 on a Flux-size stack, H200)."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps of the calibration run."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Conditioning for the calibration run."),
                 io.Latent.Input("latent", optional=True, tooltip="A latent of the size you will sample (calibration run)."),
