@@ -42,7 +42,7 @@ def generate(net, recipe, frames, actions, window, sink, seed=0):
     """Frames [1, 3, T, 64, 64]: the first chunk real, the rest generated for `actions` [1, T]."""
     chunk = int(recipe.extra.get("chunk_frames", 4))
     schedule = world.ChunkSchedule.for_recipe(recipe)
-    sampler = recipe.sampler.removeprefix("multistep_") if recipe.sampler.startswith("multistep") else "ode"
+    sampler = recipe.multistep_noise(default="ode")
     total = frames.shape[2]
     cache = world.KVCache(sink_frames=sink, window_frames=window)
     out = [frames[:, :, :chunk]]

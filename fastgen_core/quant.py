@@ -715,7 +715,7 @@ def compact_layers(model: nn.Module, bank: LayerQuantizers, ranges: dict | None 
     done = []
     for name in bank.layers:
         module = model.get_submodule(name)
-        if _weight_pre_quant_scale(bank.shadows[name]) is None and bank.format.gemm in _CODE_DTYPES:
+        if _weight_pre_quant_scale(bank.shadows[name]) is None and compact_kind(bank.format, module.weight) is not None:
             values, weight_range = bank.quantized_weight(name, module.weight.detach())
             compact_layer(module, bank.format, values.to(module.weight.device))
             # the codes' scale is fixed now (the host adds LoRAs with it), so the weight quantizer
@@ -728,29 +728,76 @@ def compact_layers(model: nn.Module, bank: LayerQuantizers, ranges: dict | None 
     return done
 
 
+INT4_BLOCK = 128  # the int4 formats' block size (modelopt's INT4_BLOCKWISE / AWQ configs)
+
+
+def compact_kind(fmt: QuantFormat, weight: torch.Tensor) -> str | None:
+    """The in-memory code a layer of `fmt` can be held as: "fp8" / "int8" (1 byte a weight, fed
+    to the GEMM), "int4" (two weights a byte in blocks of 128, dequantized per call), or None."""
+    if fmt.gemm in _CODE_DTYPES:
+        return fmt.gemm
+    if fmt.name.startswith("int4") and weight.ndim == 2 and weight.shape[-1] % INT4_BLOCK == 0:
+        return "int4"
+    return None
+
+
 def compact_layer(module: nn.Linear, fmt: QuantFormat, values: torch.Tensor | None = None) -> bool:
-    """Store a layer's weight compressed in memory (fp8 / int8 codes + float32 scale: half of bf16)
-    for a model this code owns (a loaded quantized file). The layer gets the host's hooks for
-    low-precision weights, `convert_weight` (codes -> values) and `set_weight` (values -> codes
-    with the stored scale), through which the host's LoRA patching reaches it; `dequantized`
-    gives the values for a forward. False for formats with no 8-bit codes (int4, nvfp4)."""
-    if fmt.gemm not in _CODE_DTYPES:
+    """Store a layer's weight compressed in memory (fp8 / int8 codes + float32 scale: half of
+    bf16; int4: modelopt's packed blockwise codes, a quarter) for a model this code owns (a loaded
+    quantized file). The layer gets the host's hooks for low-precision weights, `convert_weight`
+    (codes -> values) and `set_weight` (values -> codes with the stored scales), through which the
+    host's LoRA patching reaches it; `dequantized` gives the values for a forward. False for
+    formats with no compact code (nvfp4)."""
+    weight = module.weight.detach() if values is None else values
+    kind = compact_kind(fmt, weight)
+    if kind is None:
         return False
-    codes, scale = compress_weight(module.weight.detach() if values is None else values, fmt.gemm)
-    shape = (-1, 1) if fmt.gemm == "int8" else ()
+    if kind == "int4":
+        from modelopt.torch.quantization.qtensor import INT4QTensor
+
+        qtensor, scale = INT4QTensor.quantize(weight.float(), block_size=INT4_BLOCK)
+        codes, scale = qtensor._quantized_data, scale.float()
+    else:
+        codes, scale = compress_weight(weight, kind)
+        scale = scale.reshape((-1, 1) if kind == "int8" else ())
     module.weight = nn.Parameter(codes, requires_grad=False)
-    module.weight_scale = nn.Parameter(scale.reshape(shape), requires_grad=False)
-    module.compact_format = fmt.gemm
+    module.weight_scale = nn.Parameter(scale, requires_grad=False)
+    module.compact_format = kind
     module.convert_weight = _convert_weight.__get__(module)
     module.set_weight = _set_weight.__get__(module)
     return True
 
 
 def dequantized(module: nn.Module, weight: torch.Tensor, dtype) -> torch.Tensor:
-    """A layer's weight as the host cast it, as values in `dtype`: a compact layer's holds codes."""
-    if getattr(module, "compact_format", None) is None:
+    """A layer's weight as the host cast it, as values in `dtype`: a compact layer's holds codes
+    (the host may have cast them to a float dtype: the codes are small integers or fp8 values,
+    exact in any of them)."""
+    kind = getattr(module, "compact_format", None)
+    if kind is None:
         return weight.to(dtype)
+    if kind == "int4":
+        return _int4_values(weight, module.weight_scale).to(dtype)
     return (weight.float() * module.weight_scale.to(weight.device).float()).to(dtype)
+
+
+def _int4_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Packed int4 codes [N, K/2] (any dtype holding the byte values) -> float32 [N, K], by modelopt."""
+    from modelopt.torch.quantization.qtensor import INT4QTensor
+
+    codes = codes if codes.dtype == torch.uint8 else codes.to(torch.uint8)
+    shape = torch.Size((codes.shape[0], codes.shape[1] * 2))
+    return INT4QTensor(shape, torch.float32, codes).dequantize(torch.float32, scale=scale.to(codes.device),
+                                                              block_sizes={-1: INT4_BLOCK})
+
+
+def _int4_codes_at(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float [N, K] -> packed int4 codes at *fixed* block scales (`scale` = 7 / block amax, as
+    modelopt's INT4QTensor stores them), saturating: the layout INT4QTensor.quantize writes, which
+    only takes scales of its own choosing. A LoRA added by the host keeps the stored scales, as
+    the 8-bit compact layers do."""
+    blocks = values.float().reshape(-1, INT4_BLOCK) * scale.to(values.device).reshape(-1, 1)
+    codes = (blocks.round().clamp(-8, 7) + 8).to(torch.uint8).flatten()
+    return (codes[::2] << 4 | codes[1::2]).reshape(values.shape[0], -1)
 
 
 def compact_codes(module: nn.Module, path: str):
@@ -761,6 +808,8 @@ def compact_codes(module: nn.Module, path: str):
 
 
 def _convert_weight(self, weight, inplace=False, **kwargs):
+    if self.compact_format == "int4":  # a new tensor: values have twice the packed width
+        return _int4_values(weight, self.weight_scale).to(weight.dtype)
     scale = self.weight_scale.to(weight.device, weight.dtype)
     return weight.mul_(scale) if inplace else weight * scale
 
@@ -770,11 +819,13 @@ def _set_weight(self, weight, inplace_update=False, seed=None, return_weight=Fal
 
     scale = self.weight_scale.to(weight.device, torch.float32)
     weight = weight.float()
-    if self.compact_format == "fp8":  # saturate: a LoRA may leave the stored range
+    if self.compact_format == "int4":
+        codes = _int4_codes_at(weight, scale)
+    elif self.compact_format == "fp8":  # saturate: a LoRA may leave the stored range
         codes = FP8QTensor.quantize(torch.minimum(torch.maximum(weight, -448.0 * scale), 448.0 * scale), scales=scale)[0]
+        codes = codes._quantized_data
     else:
-        codes = INT8QTensor.quantize(weight, scales=scale)[0]
-    codes = codes._quantized_data
+        codes = INT8QTensor.quantize(weight, scales=scale)[0]._quantized_data
     if return_weight:
         return codes
     if inplace_update:

@@ -52,6 +52,12 @@ class Recipe:
             if values is not None and len(values) != self.steps:
                 raise ValueError(f"recipe has {len(values)} {name} for {self.steps} steps")
 
+    def multistep_noise(self, default: str = "sde") -> str:
+        """How a multistep recipe re-noises between steps ("sde": fresh noise, "ode": the
+        prediction's own), as `world.rollout` / `sampling.sample_multistep` take it; `default`
+        for recipes of other samplers."""
+        return self.sampler.removeprefix("multistep_") if self.sampler.startswith("multistep_") else default
+
     def to_json(self) -> str:
         # shift is kept when None: null means "the model's own shift", an absent key the default 1
         values = {k: v for k, v in asdict(self).items() if (v is not None or k == "shift") and v != {}}

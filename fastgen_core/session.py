@@ -2,7 +2,7 @@
 steered by actions that arrive while it runs (a keyboard in the browser), frames handed to a sink
 as each chunk is final.
 
-    session = WorldSession(model, start=(frames, actions), on_frames=push, steps=4)
+    session = WorldSession(model, start=(frames, actions), on_frames=push, schedule=world.ChunkSchedule.few_step(4))
     session.start()
     session.act("left")          # from a request handler: the next chunk moves left
     session.reset(); session.stop()
@@ -56,7 +56,7 @@ class WorldSession:
     finished chunk from the worker thread. `action_names` maps names to the model's action ids.
     """
 
-    def __init__(self, model, start, on_frames, action_names: tuple[str, ...], chunk_frames: int = 4, steps: int = 4,
+    def __init__(self, model, start, on_frames, action_names: tuple[str, ...], chunk_frames: int = 4,
                  sampler: str = "sde", window_frames: int = 12, sink_frames: int = 4, max_fps: float = 30.0,
                  idle_seconds: float = 120.0, queue_size: int = 8, seed: int = 0,
                  on_stop: Callable[[WorldSession], None] | None = None, schedule: world.ChunkSchedule | None = None,
@@ -68,8 +68,8 @@ class WorldSession:
         self.frames_per_step = frames_per_step
         self.model, self.start_frames, self.on_frames, self.on_stop = model, start, on_frames, on_stop
         self.action_names = tuple(action_names)
-        self.chunk_frames, self.steps, self.sampler, self.seed = chunk_frames, steps, sampler, seed
-        self.schedule = schedule or world.ChunkSchedule.few_step(steps)  # a distilled model's own levels when given
+        self.chunk_frames, self.sampler, self.seed = chunk_frames, sampler, seed
+        self.schedule = schedule or world.ChunkSchedule.few_step(4)  # ChunkSchedule.for_recipe: a distilled model's own levels
         self.window_frames, self.sink_frames = window_frames, sink_frames
         self.max_fps, self.idle_seconds = max_fps, idle_seconds
         self.pending: collections.deque[int] = collections.deque(maxlen=queue_size)

@@ -123,7 +123,7 @@ def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
         lines.append(why)
         lines.append(f"these weights: {now / 2**20:.1f} MiB as loaded, {packed / 2**20:.1f} MiB in a saved file "
                      f"({now / max(packed, 1):.1f}x smaller); here they stay as loaded (Save + Load Quantized Model "
-                     "with compact on holds fp8 / int8 layers compressed)")
+                     "with compact on holds fp8 / int8 / int4 layers compressed)")
     kept = total - len(bank.layers)
     lines.append(f"kept in high precision: the other {kept} Linear layers and all norms")
     return "\n".join(lines)
@@ -306,7 +306,8 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
                 io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in "
                                "models/diffusion_models (other files are not listed)."),
                 io.Boolean.Input("compact", default=True, tooltip="On: fp8 / int8 layers stay compressed in memory "
-                                 "(half of bf16), dequantized on the fly or fed straight to the fp8 / int8 GEMM; a LoRA "
+                                 "(half of bf16), int4 ones as packed codes (a quarter), dequantized on the fly or fed "
+                                 "straight to the fp8 / int8 GEMM; a LoRA "
                                  "applied after this node is added with the saved scales (values beyond the saved range "
                                  "saturate). Off: decompressed to their saved precision (more memory; bit-identical to "
                                  "the saved model, LoRAs keep their full range)."),
@@ -336,10 +337,11 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
             model.size = 0  # the host's memory estimate, recomputed for the smaller weights
             model.model_size()
             if done:
-                lines.append(f"compact: {len(done)} layers held as {bank.format.gemm} codes, {after / 2**20:.1f} MiB instead of "
+                kinds = "/".join(sorted({diffusion_model.get_submodule(n).compact_format for n in done}))
+                lines.append(f"compact: {len(done)} layers held as {kinds} codes, {after / 2**20:.1f} MiB instead of "
                              f"{before / 2**20:.1f} MiB ({before / max(after, 1):.1f}x smaller), dequantized on the fly")
             else:
-                lines.append(f"compact: not for {bank.format.name} (no 8-bit codes); layers decompressed")
+                lines.append(f"compact: not for {bank.format.name} (no compact codes for it); layers decompressed")
         patched, text = attach(model, bank)
         text = "\n".join([*lines, text])
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))

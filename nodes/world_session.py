@@ -182,7 +182,7 @@ class FastGenWorldSession(io.ComfyNode):
         chunk = int((recipe.extra if recipe else {}).get("chunk_frames", 4))
         schedule = world.ChunkSchedule.for_recipe(recipe, steps)
         steps = len(schedule.later) - 1
-        sampler = recipe.sampler.removeprefix("multistep_") if recipe and recipe.sampler.startswith("multistep") else "sde"
+        sampler = recipe.multistep_noise() if recipe else "sde"
         frames, actions = start_view(world_seed, chunk)
         node_id = cls.hidden.unique_id
         holder = {}
@@ -200,7 +200,7 @@ class FastGenWorldSession(io.ComfyNode):
                              client_id)
             log.info("FastGen world session of %s stopped: %s", client_id, session.stop_reason)
 
-        live = WorldSession(net, (frames, actions), push, data.GAME_ACTIONS, chunk_frames=chunk, steps=steps,
+        live = WorldSession(net, (frames, actions), push, data.GAME_ACTIONS, chunk_frames=chunk,
                             sampler=sampler, window_frames=window_frames, sink_frames=sink_frames, max_fps=max_fps,
                             idle_seconds=idle_seconds, seed=seed, on_stop=stopped, schedule=schedule,
                             frames_per_step=frames_per_step)

@@ -198,7 +198,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, fmt):
         reloaded_output = one_call(loaded)
     assert_same_quantized_output(reloaded_output, saved_output, fmt)
 
-    if fmt in ("fp8", "int8"):  # held as codes (FastGen Load Quantized Model's default): bit-identical
+    if fmt in ("fp8", "int8", "int4"):  # held as codes (FastGen Load Quantized Model's default): bit-identical
         compact = DigitDiT(net.config).eval()
         compact.load_state_dict(tensors)
         compact_bank = quant.restore_quantizers(compact, info, state)
@@ -375,3 +375,32 @@ def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, capl
         again, _ = fused(x, None, "int8")
     assert torch.equal(codes, quant._activation_codes(x, None, "int8")[0]) and torch.equal(codes, again)
     assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+
+
+def test_int4_layers_are_held_as_packed_codes_at_a_quarter_of_bf16():
+    """int4 weight-only layers compact: modelopt's packed blockwise codes (two a byte) + block
+    scales, dequantized per call to exactly the values the int4 quantizers gave; the host's LoRA
+    hooks unpack and repack them at the stored scales."""
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, "int4")
+    with bank.installed(net):
+        expected = one_call(net)
+    fc1 = net.blocks[0].fc1
+    original = fc1.weight.detach().clone()
+    bf16_bytes = sum(net.get_submodule(n).weight.numel() * 2 for n in bank.layers)
+    assert quant.compact_layers(net, bank) == bank.layers
+    modules = [net.get_submodule(n) for n in bank.layers]
+    assert {m.weight.dtype for m in modules} == {torch.uint8} and fc1.weight.shape == (512, 64)
+    held = sum(m.weight.nbytes + m.weight_scale.nbytes for m in modules)
+    assert held < bf16_bytes / 3.5  # 0.5 byte a weight + a float32 scale per 128
+    with bank.installed(net):
+        torch.testing.assert_close(one_call(net), expected, rtol=0, atol=0)
+
+    values = fc1.convert_weight(fc1.weight.float())  # the host: codes (cast to float) -> values
+    assert values.shape == original.shape and relative_error(values, original) < 0.15
+    torch.testing.assert_close(quant.dequantized(fc1, fc1.weight.bfloat16(), torch.float32), values, rtol=0, atol=0)
+    fc1.set_weight(values)  # repacking unchanged values at the stored scales is exact
+    torch.testing.assert_close(quant.dequantized(fc1, fc1.weight, torch.float32), values, rtol=0, atol=0)
+    fc1.set_weight(values * 3.0)  # beyond the stored range: saturates at the block's largest code
+    assert fc1.weight.dtype == torch.uint8
+    assert quant.dequantized(fc1, fc1.weight, torch.float32).abs().max() <= values.abs().max() * 8 / 7 + 1e-6

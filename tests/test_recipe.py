@@ -60,3 +60,9 @@ def test_table_recipes_are_consistent():
         assert student.kind in ("model", "lora") and (student.file_pattern or student.key_rule)
         # distilled students in the table run without CFG unless their card says otherwise
         assert student.recipe.cfg == 1.0 or "CFG" in student.name
+
+
+def test_multistep_noise_names_the_renoising_of_multistep_recipes_only():
+    assert Recipe(family="x", prediction="flow", steps=2, sampler="multistep_ode").multistep_noise() == "ode"
+    assert Recipe(family="x", prediction="flow", steps=2, sampler="multistep_sde").multistep_noise("ode") == "sde"
+    assert Recipe(family="x", prediction="flow", steps=2, sampler="euler").multistep_noise("ode") == "ode"

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from fastgen_core import data, networks, session
+from fastgen_core import data, networks, session, world
 
 NAMES = (*data.GAME_ACTIONS,)
 
@@ -36,7 +36,7 @@ def start_frames(frames=2):
 
 
 def make(recorder, **kw):
-    settings = dict(chunk_frames=2, steps=1, max_fps=1000.0, idle_seconds=30.0)
+    settings = dict(chunk_frames=2, schedule=world.ChunkSchedule.few_step(1), max_fps=1000.0, idle_seconds=30.0)
     settings.update(kw)
     return session.WorldSession(tiny_model(), start_frames(), recorder, NAMES, **settings)
 

@@ -16,7 +16,7 @@ def held_key_agreement(path, worlds=(1_000_000, 1_000_001)):
     net, recipe = checkpoint.load_network(path)
     chunk = int(recipe.extra.get("chunk_frames", 4))
     schedule = world.ChunkSchedule.for_recipe(recipe)
-    sampler = recipe.sampler.removeprefix("multistep_")
+    sampler = recipe.multistep_noise()
     agree = total = 0
     for seed in worlds:
         frames, actions = data.game_episode(seed, chunk)

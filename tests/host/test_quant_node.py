@@ -179,3 +179,23 @@ def test_a_lora_after_a_compact_loaded_model_changes_the_output(comfy, object_in
     print(f"LoRA after a compact int8 model: {relative_error(with_lora, compact):.3f} from no LoRA, "
           f"{relative_error(with_lora, reference):.3f} from the unquantized LoRA output")
     assert relative_error(with_lora, compact) > 0.3
+
+
+def test_int4_loads_compact_at_a_quarter_of_the_weights_and_takes_a_lora(comfy, object_info):
+    _, ids = digits_graph(object_info)
+    save = {"q": quantize([ids["FastGenLoadModel"], 0], "int4"),
+            "s": {"class_type": "FastGenSaveQuantizedModel",
+                  "inputs": {"model": ["q", 0], "save_name": "fastgen/test_digits_int4", "overwrite": True}}}
+    in_graph, _ = digits(comfy, object_info, save, ["q", 0])
+    load = {"ld": {"class_type": "FastGenLoadQuantizedModel",
+                   "inputs": {"model_name": "fastgen/test_digits_int4.safetensors", "compact": True}}}
+    compact, entry = digits(comfy, object_info, load, ["ld", 0])
+    text = node_text(entry, "ld")
+    # fp32 on the CPU host: 4 bytes a weight -> half a byte + a float32 scale per 128 weights
+    assert "compact: 24 layers held as int4 codes" in text and "7.8x smaller" in text, text
+    torch.testing.assert_close(compact, in_graph, rtol=0, atol=1e-5)
+    with_lora, _ = digits(comfy, object_info, {**load, "l": lora(["ld", 0], strength=0.5)}, ["l", 0])
+    reference, _ = digits(comfy, object_info, {"l": lora([ids["FastGenLoadModel"], 0], strength=0.5)}, ["l", 0])
+    print(f"LoRA after a compact int4 model: {relative_error(with_lora, compact):.3f} from no LoRA, "
+          f"{relative_error(with_lora, reference):.3f} from the unquantized LoRA output")
+    assert relative_error(with_lora, compact) > 0.3
