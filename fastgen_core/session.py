@@ -128,7 +128,9 @@ class WorldSession:
 
     @property
     def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        """Generating and not stopping: False from the moment a stop reason is set (the worker
+        thread may still be winding down, e.g. inside `on_stop`)."""
+        return self.thread is not None and self.thread.is_alive() and self.stop_reason is None
 
     def status(self) -> dict:
         return {"running": self.running, "frames": self.frames_out, "fps": round(self.fps, 1),
