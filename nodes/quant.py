@@ -75,6 +75,12 @@ def host_weight_and_bias(module, x):
     return quant.dequantized(module, weight, x.dtype), bias
 
 
+def held_bytes(module) -> int:
+    """A layer's weight in memory: a compact layer's codes and their scales."""
+    scale = getattr(module, "weight_scale", None)
+    return module.weight.nbytes + (scale.nbytes if scale is not None else 0)
+
+
 class CompactForward:
     """A compact layer run outside the quantize wrapper (a pass that skips MODEL wrappers):
     the stored codes dequantized, as a plain Linear."""
@@ -333,7 +339,7 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
             done = quant.compact_layers(diffusion_model, bank, info.get("weight_ranges"))
             for name in done:
                 diffusion_model.get_submodule(name).forward = CompactForward(diffusion_model.get_submodule(name))
-            after = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            after = sum(held_bytes(diffusion_model.get_submodule(n)) for n in bank.layers)
             model.size = 0  # the host's memory estimate, recomputed for the smaller weights
             model.model_size()
             if done:

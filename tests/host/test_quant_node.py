@@ -127,7 +127,8 @@ def test_save_then_load_gives_the_same_digits(comfy, object_info):
     torch.testing.assert_close(loaded, in_graph, rtol=0, atol=1e-5)
     compact, entry = load(compact=True)
     text = node_text(entry, "ld")
-    assert "compact: 24 layers held as int8 codes" in text and "4.0x smaller" in text, text  # the host runs fp32 on CPU
+    # the host runs fp32 on CPU: 4 bytes a weight -> 1 byte + a float32 scale per output channel
+    assert "compact: 24 layers held as int8 codes" in text and "3.9x smaller" in text, text
     torch.testing.assert_close(compact, in_graph, rtol=0, atol=1e-5)
     bad = {"s": {"class_type": "FastGenSaveQuantizedModel", "inputs": {"model": ["q", 0], "save_name": "../escape", "overwrite": True}}}
     assert "no '..'" in failure(comfy, {**digits_graph(object_info, {"q": quantize(model, "int8")})[0], **bad})
@@ -192,7 +193,7 @@ def test_int4_loads_compact_at_a_quarter_of_the_weights_and_takes_a_lora(comfy, 
     compact, entry = digits(comfy, object_info, load, ["ld", 0])
     text = node_text(entry, "ld")
     # fp32 on the CPU host: 4 bytes a weight -> half a byte + a float32 scale per 128 weights
-    assert "compact: 24 layers held as int4 codes" in text and "7.8x smaller" in text, text
+    assert "compact: 24 layers held as int4 codes" in text and "7.5x smaller" in text, text
     torch.testing.assert_close(compact, in_graph, rtol=0, atol=1e-5)
     with_lora, _ = digits(comfy, object_info, {**load, "l": lora(["ld", 0], strength=0.5)}, ["l", 0])
     reference, _ = digits(comfy, object_info, {"l": lora([ids["FastGenLoadModel"], 0], strength=0.5)}, ["l", 0])
