@@ -48,6 +48,11 @@ def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
     return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
 
 
+# benchmarks/RESULTS.md, "In the causal video loop": the loop is bound by launching per-layer work
+QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory, not time (H200, Wan-1.3B at 480p: "
+                       "13.8 FPS fp8 vs 19.2 FPS bf16), since each chunk launches ~1,500 small layer calls")
+
+
 def context_options(model) -> dict:
     """transformer_options for the context pass. It runs outside sampling, where the host hands the
     MODEL's wrappers to the model; it gets the quantize wrapper (the cached keys must come from the
@@ -116,6 +121,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                                                                            sampler_default, "recipe")
         if cfg != 1.0:
             raise ValueError(f"the causal loop samples at cfg 1 (few-step students); this model's recipe asks for cfg {cfg:g}")
+        if model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(QUANTIZE_WRAPPER_KEY):
+            messages.append(QUANTIZED_LOOP_NOTE)
         model_sampling = model.get_model_object("model_sampling")
         sigmas = recipe_sigmas(model_sampling, recipe, steps, scheduler_name)
         first_sigmas = sigmas if first_chunk_steps in (0, len(sigmas) - 1) else \

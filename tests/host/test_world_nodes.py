@@ -34,6 +34,17 @@ def test_causal_video_sampler_generates_five_chunks_on_a_tiny_wan(comfy):
     assert text.startswith("5 chunks of 2 latent frames, 2 steps each") and "cache holds 10 frames" in text
 
 
+def test_a_quantized_model_runs_the_loop_and_the_node_says_what_it_costs(comfy):
+    prompt = causal_graph(latent_frames=4)
+    prompt["q"] = {"class_type": "FastGenQuantizeModel",
+                   "inputs": {"model": ["m", 0], "format": "int8", "layers": "", "calibrate": False, "steps": 1}}
+    prompt["s"]["inputs"]["model"] = ["q", 0]
+    latent, entry = run_latent(comfy, prompt)
+    plain, plain_entry = run_latent(comfy, causal_graph(latent_frames=4))
+    assert torch.isfinite(latent).all() and not torch.equal(latent, plain)
+    assert "saves memory, not time" in node_text(entry, "s") and "quantized" not in node_text(plain_entry, "s")
+
+
 def test_rolling_window_evicts_and_keeps_the_sink(comfy):
     latent, entry = run_latent(comfy, causal_graph(window=2, sink=2))
     assert torch.isfinite(latent).all()
