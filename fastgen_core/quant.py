@@ -835,9 +835,10 @@ def _set_weight(self, weight, inplace_update=False, seed=None, return_weight=Fal
 
 
 def layer_memory(model: nn.Module, layers: list[str], bits: int) -> tuple[int, int]:
-    """(bytes of the selected weights as they are, bytes at `bits` per weight)."""
+    """(bytes of the selected weights as they are held — a compact layer's codes and scales —,
+    bytes at `bits` per weight)."""
     modules = [model.get_submodule(n) for n in layers]
-    now = sum(m.weight.numel() * m.weight.element_size() for m in modules)
+    now = sum(m.weight.nbytes + (m.weight_scale.nbytes if hasattr(m, "weight_scale") else 0) for m in modules)
     return now, sum(m.weight.numel() * bits // 8 for m in modules)
 
 

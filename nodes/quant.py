@@ -75,12 +75,6 @@ def host_weight_and_bias(module, x):
     return quant.dequantized(module, weight, x.dtype), bias
 
 
-def held_bytes(module) -> int:
-    """A layer's weight in memory: a compact layer's codes and their scales."""
-    scale = getattr(module, "weight_scale", None)
-    return module.weight.nbytes + (scale.nbytes if scale is not None else 0)
-
-
 class CompactForward:
     """A compact layer run outside the quantize wrapper (a pass that skips MODEL wrappers):
     the stored codes dequantized, as a plain Linear."""
@@ -335,11 +329,11 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
         bank = quant.restore_quantizers(diffusion_model, info, state)
         lines = [f"loaded {model_name}"]
         if compact:
-            before = sum(diffusion_model.get_submodule(n).weight.nbytes for n in bank.layers)
+            before = quant.layer_memory(diffusion_model, bank.layers, bank.format.weight_bits)[0]
             done = quant.compact_layers(diffusion_model, bank, info.get("weight_ranges"))
             for name in done:
                 diffusion_model.get_submodule(name).forward = CompactForward(diffusion_model.get_submodule(name))
-            after = sum(held_bytes(diffusion_model.get_submodule(n)) for n in bank.layers)
+            after = quant.layer_memory(diffusion_model, bank.layers, bank.format.weight_bits)[0]
             model.size = 0  # the host's memory estimate, recomputed for the smaller weights
             model.model_size()
             if done:
