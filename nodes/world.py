@@ -53,15 +53,20 @@ QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory,
                        "13.8 FPS fp8 vs 19.2 FPS bf16), since each chunk launches ~1,500 small layer calls")
 
 
+def quantize_wrappers(model) -> list:
+    """The quantize node's APPLY_MODEL wrappers on this MODEL (empty when it is not quantized)."""
+    return list(model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(QUANTIZE_WRAPPER_KEY, []))
+
+
 def context_options(model) -> dict:
     """transformer_options for the context pass. It runs outside sampling, where the host hands the
     MODEL's wrappers to the model; it gets the quantize wrapper (the cached keys must come from the
     same quantized layers as the denoising passes) and no other: a caching wrapper could reuse an
     earlier output instead of running the blocks whose keys the cache needs."""
     options = dict(model.model_options["transformer_options"])
-    quantize = model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(QUANTIZE_WRAPPER_KEY)
+    quantize = quantize_wrappers(model)
     if quantize:
-        options["wrappers"] = {WrappersMP.APPLY_MODEL: {QUANTIZE_WRAPPER_KEY: list(quantize)}}
+        options["wrappers"] = {WrappersMP.APPLY_MODEL: {QUANTIZE_WRAPPER_KEY: quantize}}
     return options
 
 
@@ -121,7 +126,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                                                                            sampler_default, "recipe")
         if cfg != 1.0:
             raise ValueError(f"the causal loop samples at cfg 1 (few-step students); this model's recipe asks for cfg {cfg:g}")
-        if model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(QUANTIZE_WRAPPER_KEY):
+        if quantize_wrappers(model):
             messages.append(QUANTIZED_LOOP_NOTE)
         model_sampling = model.get_model_object("model_sampling")
         sigmas = recipe_sigmas(model_sampling, recipe, steps, scheduler_name)
