@@ -73,7 +73,8 @@ class WorldSession:
         self.window_frames, self.sink_frames = window_frames, sink_frames
         self.max_fps, self.idle_seconds = max_fps, idle_seconds
         self.pending: collections.deque[int] = collections.deque(maxlen=queue_size)
-        self.held = self.action_names.index("none")
+        self.no_action = self.action_names.index("none")
+        self.held = self.no_action
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.reset_requested = threading.Event()
@@ -114,7 +115,7 @@ class WorldSession:
     def reset(self):
         """Back to the first view (the start frames), cache emptied; the session keeps running."""
         with self.lock:
-            self.held = self.action_names.index("none")
+            self.held = self.no_action
             self.pending.clear()
             self.last_action_time = time.monotonic()
         self.reset_requested.set()
@@ -143,8 +144,7 @@ class WorldSession:
         """Asked by the rollout just before each chunk: the held action on every `frames_per_step`-th
         frame of the video ("none" between), with a queued jump first."""
         with self.lock:
-            none = self.action_names.index("none")
-            actions = [self.held if (first_frame + i) % self.frames_per_step == 0 else none for i in range(frames)]
+            actions = [self.held if (first_frame + i) % self.frames_per_step == 0 else self.no_action for i in range(frames)]
             if self.pending:
                 actions[0] = self.pending.popleft()
             return torch.tensor([actions], dtype=torch.long)
