@@ -780,12 +780,13 @@ def dequantized(module: nn.Module, weight: torch.Tensor, dtype) -> torch.Tensor:
     return (weight.float() * module.weight_scale.to(weight.device).float()).to(dtype)
 
 
-def _int4_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Packed int4 codes [N, K/2] (any dtype holding the byte values) -> float32 [N, K], by modelopt."""
+def _int4_values(codes: torch.Tensor, scale: torch.Tensor, shape=None) -> torch.Tensor:
+    """Packed int4 codes (any dtype holding the byte values) -> float32 values of `shape`, by
+    modelopt (default: [N, K] from codes [N, K/2], for widths in whole blocks)."""
     from modelopt.torch.quantization.qtensor import INT4QTensor
 
     codes = codes if codes.dtype == torch.uint8 else codes.to(torch.uint8)
-    shape = torch.Size((codes.shape[0], codes.shape[1] * 2))
+    shape = torch.Size(shape if shape is not None else (codes.shape[0], codes.shape[1] * 2))
     return INT4QTensor(shape, torch.float32, codes).dequantize(torch.float32, scale=scale.to(codes.device),
                                                               block_sizes={-1: INT4_BLOCK})
 
@@ -822,8 +823,8 @@ def _set_weight(self, weight, inplace_update=False, seed=None, return_weight=Fal
     if self.compact_format == "int4":
         codes = _int4_codes_at(weight, scale)
     elif self.compact_format == "fp8":  # saturate: a LoRA may leave the stored range
-        codes = FP8QTensor.quantize(torch.minimum(torch.maximum(weight, -448.0 * scale), 448.0 * scale), scales=scale)[0]
-        codes = codes._quantized_data
+        saturated = torch.minimum(torch.maximum(weight, -448.0 * scale), 448.0 * scale)
+        codes = FP8QTensor.quantize(saturated, scales=scale)[0]._quantized_data
     else:
         codes = INT8QTensor.quantize(weight, scales=scale)[0]._quantized_data
     if return_weight:
@@ -855,14 +856,14 @@ def compress_for_file(weight: torch.Tensor, fmt: QuantFormat) -> dict[str, torch
     elif fmt.gemm == "int8":
         q, scale = INT8QTensor.quantize(w, axis=0)
     elif fmt.weight_bits == 4 and fmt.name.startswith("int4") and w.shape[-1] % 2 == 0:
-        q, scale = INT4QTensor.quantize(w, block_size=128)
+        q, scale = INT4QTensor.quantize(w, block_size=INT4_BLOCK)
     else:  # nvfp4 has no CPU packing here: stored as it is (the file is not smaller)
         return {"weight": weight.detach().cpu().contiguous()}
     return {"weight": q._quantized_data.contiguous(), "weight_scale": scale.float().contiguous()}
 
 
 def decompress_from_file(stored: dict[str, torch.Tensor], fmt: QuantFormat, shape, dtype) -> torch.Tensor:
-    from modelopt.torch.quantization.qtensor import FP8QTensor, INT4QTensor, INT8QTensor
+    from modelopt.torch.quantization.qtensor import FP8QTensor, INT8QTensor
 
     if "weight_scale" not in stored:
         return stored["weight"].to(dtype)
@@ -872,7 +873,7 @@ def decompress_from_file(stored: dict[str, torch.Tensor], fmt: QuantFormat, shap
     elif fmt.gemm == "int8":
         w = INT8QTensor(torch.Size(shape), torch.float32, data).dequantize(torch.float32, scale=scale)
     else:
-        w = INT4QTensor(torch.Size(shape), torch.float32, data).dequantize(torch.float32, scale=scale, block_sizes={-1: 128})
+        w = _int4_values(data, scale, shape)
     return w.reshape(shape).to(dtype)
 
 
