@@ -264,7 +264,7 @@ def test_a_failing_gemm_falls_back_to_fake_quant(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
+def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt, monkeypatch):
     """A loaded quantized model can keep its layers as codes (half of bf16) and dequantize them on
     the fly; the host patches LoRAs into such layers through convert_weight / set_weight."""
     net = checkpoint.load_network(TEACHER)[0]
@@ -282,13 +282,10 @@ def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
         compact = one_call(net)
     torch.testing.assert_close(compact, expected, rtol=0, atol=0)
     bank.path = fmt  # what a GPU with the kernel runs: the GEMM straight on the stored codes
-    dequantize = quant.dequantized
-    quant.dequantized = lambda *a: pytest.fail("the real path dequantized a compact weight")
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(quant, "dequantized", lambda *a: pytest.fail("the real path dequantized a compact weight"))
         with bank.installed(net):
             real = one_call(net)
-    finally:
-        quant.dequantized = dequantize
     assert relative_error(real, expected) < 0.05 and not bank._cache  # no second copy of the weights
 
     values = fc1.convert_weight(fc1.weight.float())  # the host: codes -> values, add the patch, set
