@@ -15,6 +15,7 @@ floor (the stack's FLOPs at the GEMM throughput measured at the start of the run
 the speed ratio to bf16, the relative error of the output against bf16 and the peak memory.
 
     python benchmarks/quant.py                          # GPU, full size (an H100 / H200 takes ~1 min)
+    python benchmarks/quant.py --graphs                 # + each run replayed as a CUDA graph (GPU work alone)
     python benchmarks/quant.py --device cpu --small     # CPU smoke check (seconds; real GEMM code, no speed meaning)
 """
 
@@ -162,6 +163,32 @@ def timed(fn, device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def graph_replay(fn, device):
+    """`fn` captured once as a CUDA graph (after warm-up on a side stream, as torch's docs do it):
+    the replay runs the same kernels with no Python and no launch cost per layer. Returns the
+    replay function, or (None, why) when the forward cannot be captured."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, None
+    except RuntimeError as err:
+        return None, str(err).splitlines()[0][:160]
+
+
+def graphed_seconds(fn, device, args) -> tuple[float | None, str | None]:
+    if not args.graphs or device.type != "cuda":
+        return None, None
+    replay, why = graph_replay(fn, device)
+    return (timed(replay, device, args.warmup, args.iters), None) if replay is not None else (None, why)
+
+
 def gemm_throughput(device, n: int, warmup: int, iters: int) -> dict[str, float]:
     """FLOP/s of one n x n x n GEMM per precision on this device (the floor's denominator)."""
     generator = torch.Generator().manual_seed(1)
@@ -203,7 +230,9 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
     with torch.no_grad():
         reference = stack(x)
         seconds = timed(lambda: stack(x), device, args.warmup, args.iters)
+        graph_seconds, graph_failed = graphed_seconds(lambda: stack(x), device, args)
     rows.append(dict(run="bf16", path="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
+                     graph_seconds=graph_seconds, graph_failed=graph_failed,
                      floor=(linear_flop + attention_flop) / throughput["bf16"],
                      weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
     runs = [("fp8", False, True, False), ("int8", False, True, False), ("fp8", False, True, True)]
@@ -232,11 +261,13 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         with torch.no_grad(), bank.installed(stack):
             out = stack(x)
             seconds = timed(lambda s=stack, i=x: s(i), device, args.warmup, args.iters)
+            graph_seconds, graph_failed = graphed_seconds(lambda s=stack, i=x: s(i), device, args)
             if args.profile and fused and not compact and fmt == "fp8" and not static:
                 profile(lambda s=stack, i=x: s(i), f"{kind} {fmt}")
         gemm = throughput.get(path, throughput["bf16"])
         label = fmt + (" compact" if compact else "") + ("" if fused else " eager") + (" static" if static else "")
         rows.append(dict(run=label, path=why, seconds=seconds, memory=peak_memory(device),
+                         graph_seconds=graph_seconds, graph_failed=graph_failed,
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
                          cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values()),
@@ -245,15 +276,23 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
     print(f"\n({kind}) {describe(kind, cfg)}: {len(quant.linear_layers(stack))} Linear layers, {weights / 1e6:.1f} M weights "
           f"({weights * 2 / 2**20:.0f} MiB bf16); {flop_text(linear_flop)} in GEMMs + {flop_text(attention_flop)} attention "
           "per forward")
+    graphs = args.graphs and device.type == "cuda"
     print(f"{'run':13} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'vs bf16':>8} {'rel err':>9} {'weights MiB':>11} "
-          f"{'peak GiB':>9}  path")
-    base = rows[0]["seconds"]
+          f"{'peak GiB':>9}" + (f" {'graph ms':>9} {'of floor':>8} {'vs bf16':>8}" if graphs else "") + "  path")
+    base, graph_base = rows[0]["seconds"], rows[0].get("graph_seconds")
     for row in rows:
         memory = f"{row['memory']:.2f}" if row["memory"] is not None else "-"
         weights_mib = (row["weights"] + row.get("cache", 0)) / 2**20
         extra = f" (incl. {row['cache'] / 2**20:.0f} MiB cached codes beside the bf16 originals)" if row.get("cache") else ""
+        graph = ""
+        if graphs and row.get("graph_seconds") and graph_base:
+            g = row["graph_seconds"]
+            graph = f" {g * 1e3:9.2f} {row['floor'] / g:8.0%} {graph_base / g:7.2f}x"
+        elif graphs:
+            graph = f" {'-':>9} {'-':>8} {'-':>8}"
+            extra += f" (no CUDA graph: {row.get('graph_failed')})"
         print(f"{row['run']:13} {row['seconds'] * 1e3:9.2f} {row['floor'] * 1e3:9.2f} {row['floor'] / row['seconds']:8.0%} "
-              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {weights_mib:11.0f} {memory:>9}  {row['path']}{extra}")
+              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {weights_mib:11.0f} {memory:>9}{graph}  {row['path']}{extra}")
     return rows
 
 
@@ -293,6 +332,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of the fp8 run (CUDA)")
     parser.add_argument("--skip-compact", action="store_true", help="leave out the compact rows")
+    parser.add_argument("--graphs", action="store_true", help="also time each run replayed as one CUDA graph (CUDA): "
+                        "the GPU work alone, without per-layer Python and launch cost")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)

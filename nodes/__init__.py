@@ -8,6 +8,7 @@ from .loaders import FastGenLoadModel
 from .quant import FastGenLoadQuantizedModel, FastGenQuantizeModel, FastGenSaveQuantizedModel
 from .sampling import FastGenSampler, FastGenSigmas
 from .students import FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenStudentSampler
+from .tiny_vae import FastGenLoadTinyVideoDecoder, FastGenTinyVideoDecode
 from .world import FastGenCausalVideoSampler
 from .world_session import FastGenWorldSession
 
@@ -15,5 +16,5 @@ NODES = [
     FastGenLoadModel, FastGenLoadStudent, FastGenLoadStudentLoRA, FastGenDigitConditioning,
     FastGenSampler, FastGenSigmas, FastGenStudentSampler, FastGenDistillDMD,
     FastGenCausalVideoSampler, FastGenHubDownload, FastGenWorldSession, FastGenQuantizeModel, FastGenSaveQuantizedModel,
-    FastGenLoadQuantizedModel, FastGenCache, FastGenCalibrateCache,
+    FastGenLoadQuantizedModel, FastGenCache, FastGenCalibrateCache, FastGenLoadTinyVideoDecoder, FastGenTinyVideoDecode,
 ]

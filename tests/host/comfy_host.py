@@ -62,6 +62,7 @@ class ComfyServer:
         # test-only nodes (a text encoder's CONDITIONING for tiny models), never part of the pack
         os.symlink(os.path.join(REPO, "tests", "host", "test_nodes"), os.path.join(self.base, "custom_nodes", "fastgen_test_nodes"))
         for folder, files in (extra_models or {}).items():
+            os.makedirs(os.path.join(self.base, "models", folder), exist_ok=True)
             for f in files:
                 shutil.copy(f, os.path.join(self.base, "models", folder))
         self.port = _free_port()

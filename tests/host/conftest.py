@@ -34,6 +34,7 @@ def host_files(tmp_path_factory):
     for kind, paths in student_files(folder).items():
         files.setdefault(kind, []).extend(paths)
     files["vae"] = wan_vae_file(folder)
+    files["vae_approx"] = tiny_decoder_files(folder)
     files["diffusion_models"].append(world_model_file(folder))
     return files
 
@@ -53,6 +54,23 @@ def world_model_file(folder):
     path = str(folder / "tiny_world.safetensors")
     checkpoint.save_network(path, net, train.world_recipe(steps=2))
     return path
+
+
+def tiny_decoder_files(folder):
+    """A random tiny video decoder in the published taew2_1 layout (with an encoder key, as the real
+    files have), and a file in the same folder that is no decoder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastgen_core.tiny_vae import TinyVideoDecoder
+
+    gen = torch.Generator().manual_seed(5)
+    state = {f"decoder.{k}": (torch.randn(v.shape, generator=gen) * 0.05).half()
+             for k, v in TinyVideoDecoder(16).decoder.state_dict().items()}
+    state["encoder.0.weight"] = torch.zeros(64, 3, 3, 3, dtype=torch.float16)
+    save_file(state, str(folder / "taew2_1.safetensors"))
+    save_file({"weight": torch.zeros(2, 2)}, str(folder / "not_a_decoder.safetensors"))
+    return [str(folder / "taew2_1.safetensors"), str(folder / "not_a_decoder.safetensors")]
 
 
 def wan_vae_file(folder):

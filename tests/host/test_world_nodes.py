@@ -1,6 +1,7 @@
 """#7 in the real host: the host's own Wan code made block-causal with a KV cache (exactness
 against the masked full forward), and the Causal Video Sampler on a tiny random Wan."""
 
+import pytest
 import torch
 from test_students_nodes import WAN, graph, node_text, run_latent, unet
 
@@ -79,6 +80,35 @@ def test_streamed_frames_equal_the_stock_decode_of_the_whole_latent(comfy):
     assert a.shape == (13, 32, 32) and b.shape == a.shape  # 4 latent frames -> 1 + 3 * 4 video frames
     assert a.std() > 0.01, "the random VAE decodes to a flat image: the comparison would be empty"
     assert abs(a - b).max() <= 1 / 255
+
+
+def test_tiny_decoder_streams_the_frames_of_one_whole_tiny_decode(comfy):
+    """With a tiny decoder connected (taew2_1 layout, random), the node streams each chunk through it:
+    the frames equal FastGen Tiny Video Decode of its whole latent, with the Wan frame count."""
+    from prompts import images
+
+    prompt = causal_graph(latent_frames=4, chunk_frames=2)
+    prompt["tiny"] = {"class_type": "FastGenLoadTinyVideoDecoder", "inputs": {"decoder_name": "taew2_1.safetensors"}}
+    prompt["s"]["inputs"]["tiny_decoder"] = ["tiny", 0]
+    prompt["d"] = {"class_type": "FastGenTinyVideoDecode", "inputs": {"tiny_decoder": ["tiny", 0], "samples": ["s", 0],
+                                                                       "chunk_frames": 8}}
+    del prompt["out"]
+    whole = {**prompt, "save": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "whole"}}}
+    streamed = {**prompt, "save": {"class_type": "SaveImage", "inputs": {"images": ["s", 1], "filename_prefix": "tiny"}}}
+    a, b = images(comfy, whole), images(comfy, streamed)
+    assert a.shape == (13, 32, 32) and b.shape == a.shape
+    assert a.std() > 0.01, "the random decoder gives a flat image: the comparison would be empty"
+    assert abs(a - b).max() <= 1 / 255
+
+
+def test_a_file_that_is_no_tiny_decoder_is_named_in_the_error(comfy):
+    prompt = {"tiny": {"class_type": "FastGenLoadTinyVideoDecoder", "inputs": {"decoder_name": "not_a_decoder.safetensors"}},
+              "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}},
+              "d": {"class_type": "FastGenTinyVideoDecode", "inputs": {"tiny_decoder": ["tiny", 0], "samples": ["l", 0],
+                                                                        "chunk_frames": 8}},
+              "p": {"class_type": "PreviewImage", "inputs": {"images": ["d", 0]}}}
+    with pytest.raises(AssertionError, match=r"FastGenLoadTinyVideoDecoder .*not_a_decoder.safetensors holds no 'decoder.\*' weights"):
+        comfy.run_prompt(prompt)
 
 
 def test_the_context_pass_runs_the_quantized_layers_and_no_cache(comfy):
