@@ -5,6 +5,7 @@ and the share of the transformer's compute floor reached.
 
     COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py           # GPU, full size
     COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py --small   # CPU smoke test
+    COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py --variants bf16,compile,compile+fp8   # torch.compile'd blocks
 
 The loop is what FastGen Causal Video Sampler runs (nodes/adapters/wan_causal.py, the same block
 patches and attention override, fastgen_core.world.KVCache), driven here without the host's
@@ -28,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fastgen_core import world  # noqa: E402
+from fastgen_core.tiny_vae import TinyVideoDecoder  # noqa: E402
 
 
 def load_host(comfyui: str, cpu: bool):
@@ -78,10 +80,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks):
+def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, compile=False):
     """One video: returns (seconds to the first decoded chunk, total seconds, transformer s, decode s, frames)."""
     cache = world.KVCache(token_dim=1)
-    run = wan_causal.WanCausalRun(dm, cache)
+    run = wan_causal.WanCausalRun(dm, cache, compile=compile)
     options = {"patches_replace": {"dit": {("double_block", i): wan_causal._block_patch(i) for i in range(len(dm.blocks))}},
                "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
     shift = 5.0
@@ -144,7 +146,9 @@ def main():
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
     parser.add_argument("--variants", default="bf16",
-                        help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), combined with +")
+                        help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), compile (torch.compile of "
+                             "the blocks, attention eager), graphs (compile with CUDA graphs), tiny (the tiny video decoder), "
+                             "combined with +")
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one chunk per variant")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
     args = parser.parse_args()
@@ -167,45 +171,69 @@ def main():
     vae = WanVAE(z_dim=16, num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True], **vae_size)
     vae = vae.to(device=device, dtype=dtype)
     randomize(vae)
+    tiny = TinyVideoDecoder(16)
+    randomize(tiny)
+    tiny = tiny.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def new_decoder(settings):
+        """A fresh streaming decoder for one video: the Wan VAE's (exact) or the tiny one."""
+        return tiny.stream() if settings["decoder"] == "tiny" else wan_vae_stream.WanStreamingDecoder(vae)
     context = torch.randn(1, 512, 4096, device=device, dtype=dtype)
     chunks = args.frames // args.chunk
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     params = sum(p.numel() for p in dm.parameters()) / 1e9
     print(f"{name}, torch {torch.__version__}, {dtype}; Wan {params:.2f} B params, {args.width}x{args.height}, "
-          f"{chunks} chunks x {args.chunk} latent frames, {args.steps} steps + 1 context pass per chunk; streaming VAE decode; "
+          f"{chunks} chunks x {args.chunk} latent frames, {args.steps} steps + 1 context pass per chunk; streaming decode; "
           f"cudnn.benchmark {args.cudnn_benchmark}")
     if device == "cuda":
         attention_backends(dm, args, dtype)
     tflop = floor_tflop(args, layers=size["num_layers"], dim=size["dim"], ffn=size["ffn_dim"])
     for variant in args.variants.split(","):
-        with variant_installed(variant, dm, device):
-            rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, min(2, chunks))  # warm-up
+        with variant_installed(variant, dm, device) as settings:
+            warm_up = time.perf_counter()
+            rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, min(2, chunks), compile=settings["compile"])
+            if settings["compile"]:
+                print(f"[{variant}] warm-up with compiling {time.perf_counter() - warm_up:.1f} s; {compile_counts()}")
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             first, total, transformer, decode, frames, cache = rollout(
-                dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, chunks)
+                dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, compile=settings["compile"])
+            if settings["compile"]:
+                print(f"[{variant}] after the timed video: {compile_counts()}")
             if args.profile and device == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    rollout(dm, wan_vae_stream.WanStreamingDecoder(vae), wan_causal, context, args, device, dtype, 1)
+                    rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, 1, compile=settings["compile"])
                 print(f"[{variant}] profile of one chunk, top by CUDA time:")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         floor_s = tflop / args.peak_tflops
         print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; "
               f"first chunk (denoised + decoded) {first:.3f} s")
-        print(f"[{variant}] transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), VAE decode {decode:.2f} s "
-              f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB")
+        print(f"[{variant}] transformer {transformer:.2f} s ({frames / transformer:.1f} FPS alone), decode {decode:.2f} s "
+              f"({decode / frames * 1000:.1f} ms per frame); peak memory {peak:.1f} GiB; KV cache {cache.nbytes() / 2**30:.2f} GiB "
+              f"(buffers {cache.allocated_bytes() / 2**30:.2f} GiB)")
         print(f"[{variant}] transformer compute floor (bf16): {tflop:.0f} TFLOP for the video ({tflop / frames:.1f} per frame), "
               f"{floor_s:.2f} s at {args.peak_tflops:g} TFLOP/s; reached {floor_s / transformer:.0%} of it")
+
+
+def compile_counts() -> str:
+    """Dynamo's tally so far: graphs compiled, frames traced, guard failures (each one a recompile)."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    return (f"dynamo: {counters['stats']['unique_graphs']} graphs, {counters['frames']['total']} frames traced, "
+            f"{sum(map(len, guard_failures.values()))} recompiles")
 
 
 @contextlib.contextmanager
 def variant_installed(variant: str, dm, device):
     """'bf16' as is; 'fp8' / 'int8': the block Linears through FastGen's quantize path (what FastGen
     Quantize Model installs); 'cudnn': SDPA on cuDNN's attention kernels instead of the default
-    choice; combined with '+'."""
+    choice; 'compile': the blocks through torch.compile (WanCausalRun's switch); 'tiny': decode
+    with the tiny video decoder instead of the Wan VAE; combined with '+'.
+    Yields the rollout's settings."""
+    settings = {"compile": False, "decoder": "wan"}
     with contextlib.ExitStack() as stack:
         for part in variant.split("+"):
             if part in ("fp8", "int8"):
@@ -219,9 +247,15 @@ def variant_installed(variant: str, dm, device):
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
                 stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
+            elif part == "compile":
+                settings["compile"] = True
+            elif part == "graphs":  # torch.compile's reduce-overhead mode: the compiled pieces as CUDA graphs
+                settings["compile"] = "reduce-overhead"
+            elif part == "tiny":
+                settings["decoder"] = "tiny"
             elif part != "bf16":
-                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn)")
-        yield
+                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn, compile, graphs, tiny)")
+        yield settings
 
 
 def attention_backends(dm, args, dtype):

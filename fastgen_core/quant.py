@@ -533,6 +533,10 @@ class _QuantForward:
     def __init__(self, bank, name, module, weights):
         self.bank, self.name, self.module, self.weights = bank, name, module, weights
 
+    # Opaque to torch.compile (a compiled Wan block calls it eagerly): traced, each layer's own
+    # forward object and name would be guards, one recompile per layer, and inductor may fold the
+    # fake-quant round trips that the eager path computes.
+    @torch.compiler.disable
     def __call__(self, x, *args, **kwargs):
         compressed = compact_codes(self.module, self.bank.path)
         if compressed is not None:  # codes as stored: no per-call dequantized copy of the weight

@@ -33,6 +33,14 @@ class KVCache:
     Keys are stored without their rotary position; `context(layer)` hands them out with the
     positions of their slots (sink 0..S-1, then the window), so positions stay bounded however
     many frames have gone by, and equal the true frame indices until the first eviction.
+
+    Storage: per layer one preallocated buffer of keys and one of values, the held frames in its
+    first slots. `attend(layer, k, v)` writes a chunk's keys and values right after them and
+    returns views over both, so attention needs no concatenation; `append` of keys already written
+    there only moves the end. A buffer holds sink + window + one chunk once the window is full (it
+    grows by doubling until then, and for ever when unbounded), so a long video allocates nothing
+    more and eviction is one move of the window part per chunk. The cache keeps no autograd
+    history: cached forwards run under `torch.no_grad()`.
     """
 
     def __init__(self, sink_frames: int = 0, window_frames: int | None = None, token_dim: int = 2):
@@ -41,49 +49,52 @@ class KVCache:
         if window_frames is not None and window_frames < 1:
             raise ValueError("window_frames must be at least 1 (or None for an unbounded cache)")
         self.sink_frames, self.window_frames, self.token_dim = sink_frames, window_frames, token_dim
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.positions: torch.Tensor | None = None  # [B, N, P] per-token positions, for models that give them
-        self.frames = 0  # frames held now
-        self.frames_seen = 0  # frames appended in total
-        self.evicted = 0
+        self.reset()
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The held keys and values per layer (views into the buffers)."""
+        if not self.tokens:
+            return []
+        return [(self._held(k), self._held(v)) for k, v in zip(self._keys, self._values, strict=True)]
 
     def context(self, layer: int):
-        if not self.layers:
+        if not self.tokens:
             return None
-        k, v = self.layers[layer]
-        positions = torch.arange(self.frames, device=k.device).repeat_interleave(k.shape[self.token_dim] // self.frames)
+        k, v = self._held(self._keys[layer]), self._held(self._values[layer])
+        positions = torch.arange(self.frames, device=k.device).repeat_interleave(self.tokens_per_frame)
         if self.positions is not None:  # the stored positions with the frame slot in column 0
             positions = torch.cat([positions.to(self.positions.dtype).expand(self.positions.shape[0], -1)[..., None],
                                    self.positions[..., 1:]], dim=-1)
         return k, v, positions
 
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values to attend over: the held frames', then this chunk's `k`, `v`
+        (tokens along `token_dim`), as views into the layer's buffers. k and v are written right
+        after the held frames; the next call overwrites them unless `append` keeps them first."""
+        keys, values = self._write(self._keys, layer, k), self._write(self._values, layer, v)
+        end = self.tokens + k.shape[self.token_dim]
+        return keys.narrow(self.token_dim, 0, end), values.narrow(self.token_dim, 0, end)
+
     def append(self, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]], frames: int, positions: torch.Tensor | None = None):
         """Add one chunk's keys and values (frames * tokens along `token_dim`, per layer), then
         evict the oldest non-sink frames beyond the window. `positions` [B, frames * tokens, P]:
-        per-token positions kept beside them (column 0, the frame, is renumbered by `context`)."""
-        dim = self.token_dim
+        per-token positions kept beside them (column 0, the frame, is renumbered by `context`).
+        Keys and values that `attend` already wrote into place are not copied again."""
+        if self.tokens and len(kv_per_layer) != len(self._keys):
+            raise ValueError(f"the cache holds {len(self._keys)} layers; this chunk has {len(kv_per_layer)}")
+        tokens = kv_per_layer[0][0].shape[self.token_dim]
+        self.tokens_per_frame = tokens // frames
+        for layer, (k, v) in enumerate(kv_per_layer):
+            self._write(self._keys, layer, k)
+            self._write(self._values, layer, v)
         if positions is not None:
             self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
-        if self.layers:
-            self.layers = [(torch.cat([k0, k], dim=dim), torch.cat([v0, v], dim=dim))
-                           for (k0, v0), (k, v) in zip(self.layers, kv_per_layer, strict=True)]
-        else:
-            self.layers = [(k, v) for k, v in kv_per_layer]
-        tokens = kv_per_layer[0][0].shape[dim] // frames
+        self.tokens += tokens
         self.frames += frames
         self.frames_seen += frames
         if self.window_frames is not None and self.frames > self.sink_frames + self.window_frames:
-            drop = self.frames - self.sink_frames - self.window_frames
-            start, stop = self.sink_frames * tokens, (self.sink_frames + drop) * tokens
-
-            def keep(t):
-                return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, stop, t.shape[dim] - stop)], dim=dim).contiguous()
-
-            self.layers = [(keep(k), keep(v)) for k, v in self.layers]
-            if self.positions is not None:
-                self.positions = torch.cat([self.positions[:, :start], self.positions[:, stop:]], dim=1)
-            self.frames -= drop
-            self.evicted += drop
+            self._evict(self.frames - self.sink_frames - self.window_frames)
 
     def move_origin(self, offset: torch.Tensor):
         """Measure the stored positions from a new origin: subtract offset [B, P - 1] from their
@@ -93,11 +104,92 @@ class KVCache:
             self.positions = torch.cat([self.positions[..., :1], self.positions[..., 1:] - offset[:, None]], dim=-1)
 
     def nbytes(self) -> int:
+        """Bytes of the held keys and values."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers (held frames plus the room kept for the next chunk)."""
+        return sum(b.numel() * b.element_size() for b in self._keys + self._values)
+
     def reset(self):
-        self.layers, self.frames, self.frames_seen, self.evicted = [], 0, 0, 0
-        self.positions = None
+        self._keys: list[torch.Tensor] = []  # per layer: the buffer, tokens along token_dim
+        self._values: list[torch.Tensor] = []
+        self.tokens = 0  # tokens held per layer
+        self.tokens_per_frame = 0
+        self.frames = 0  # frames held now
+        self.frames_seen = 0  # frames appended in total
+        self.evicted = 0
+        self.positions: torch.Tensor | None = None  # [B, N, P] per-token positions, for models that give them
+
+    def _held(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer.narrow(self.token_dim, 0, self.tokens)
+
+    def _write(self, buffers: list[torch.Tensor], layer: int, t: torch.Tensor) -> torch.Tensor:
+        """Put t into the slots right after the held tokens of buffers[layer] (unless it is that
+        very view already); returns the buffer."""
+        if t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("KVCache keeps no autograd history: run cached forwards under torch.no_grad()")
+        size = t.shape[self.token_dim]
+        buffer = self._reserve(buffers, layer, t, self.tokens + size)
+        slot = buffer.narrow(self.token_dim, self.tokens, size)
+        if not _same_view(slot, t):
+            slot.copy_(t)
+        return buffer
+
+    def _reserve(self, buffers: list[torch.Tensor], layer: int, like: torch.Tensor, needed: int) -> torch.Tensor:
+        """buffers[layer], grown (held tokens kept) when it has fewer than `needed` token slots or
+        does not match `like` (a new layer, dtype, device or shape)."""
+        if layer > len(buffers):
+            raise ValueError(f"layer {layer} written before layer {len(buffers)}")
+        buffer = buffers[layer] if layer < len(buffers) else None
+        dim = self.token_dim
+        if (buffer is not None and buffer.shape[dim] >= needed and buffer.dtype == like.dtype and buffer.device == like.device
+                and buffer.shape[:dim] + buffer.shape[dim + 1:] == like.shape[:dim] + like.shape[dim + 1:]):
+            return buffer
+        shape = list(like.shape)
+        shape[dim] = self._capacity(needed, 0 if buffer is None else buffer.shape[dim])
+        grown = like.new_empty(shape)
+        if buffer is not None and self.tokens:
+            self._held(grown).copy_(self._held(buffer))
+        if buffer is None:
+            buffers.append(grown)
+        else:
+            buffers[layer] = grown
+        return grown
+
+    def _capacity(self, needed: int, current: int) -> int:
+        """Token slots for a buffer that must hold `needed`: double what it had (fewer regrowths
+        while the window fills), but never more than sink + window + the chunk being written."""
+        doubled = max(needed, 2 * current)
+        if self.window_frames is None or not self.tokens_per_frame:
+            return doubled
+        bound = (self.sink_frames + self.window_frames) * self.tokens_per_frame + needed - self.tokens
+        return max(needed, min(doubled, bound))
+
+    def _evict(self, drop: int):
+        """Forget `drop` frames after the sink: the window's frames move down over them."""
+        start, stop = self.sink_frames * self.tokens_per_frame, (self.sink_frames + drop) * self.tokens_per_frame
+        for buffer in self._keys + self._values:
+            _move_down(buffer, self.token_dim, stop, self.tokens, start)
+        if self.positions is not None:
+            self.positions = torch.cat([self.positions[:, :start], self.positions[:, stop:]], dim=1)
+        self.tokens -= stop - start
+        self.frames -= drop
+        self.evicted += drop
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _move_down(buffer: torch.Tensor, dim: int, source: int, end: int, target: int):
+    """buffer[source:end] to buffer[target:...] along dim (target < source), in pieces no longer
+    than source - target so that no piece overlaps its destination (copy_ refuses overlaps, and
+    a clone of the whole window would move it twice)."""
+    gap = source - target
+    for offset in range(0, end - source, gap):
+        size = min(gap, end - source - offset)
+        buffer.narrow(dim, target + offset, size).copy_(buffer.narrow(dim, source + offset, size))
 
 
 @dataclass

@@ -66,8 +66,9 @@ class FastGenLoadTinyVideoDecoder(io.ComfyNode):
             display_name="FastGen Load Tiny Video Decoder",
             category="FastGen/world",
             description="Loads a tiny video decoder in the TAEHV layout from models/vae_approx (taew2_1 for Wan 2.1, "
-            "Wan 2.2 14B and Qwen-Image latents; taew2_2 for Wan 2.2 5B): 18x faster than the full VAE (1.1 vs 20 ms a frame at 832x480 on an H200), "
-            "slightly softer. For live previews and the Causal Video Sampler's streamed frames.",
+            "Wan 2.2 14B and Qwen-Image latents; taew2_2 for Wan 2.2 5B): 18x faster than the full VAE "
+            "(1.1 vs 20 ms a frame at 832x480 on an H200), slightly softer. For live previews and the Causal Video "
+            "Sampler's streamed frames.",
             inputs=[io.Combo.Input("decoder_name", options=tiny_decoder_names(),
                                    tooltip="A TAEHV-layout file in models/vae_approx (.safetensors, or a weights-only .pth).")],
             outputs=[TinyDecoder.Output(display_name="tiny_decoder")],

@@ -90,6 +90,57 @@ def test_rolling_window_keeps_memory_flat_over_100_chunks():
     assert positions.max().item() == 5  # renumbered slots: no position beyond sink + window
 
 
+@pytest.mark.parametrize("token_dim", [1, 2], ids=["host-layout", "heads-layout"])
+def test_kv_buffer_equals_concatenation_with_eviction_and_stops_allocating_once_full(token_dim):
+    """attend() over [held, chunk] and the held frames after append() are what concatenating and
+    cutting gives (the cache before its buffer), whether the chunk's keys were written by attend()
+    (the host Wan's path: no copy) or handed to append() (CausalWorldDiT's); once the window is
+    full the buffers keep their size and their addresses."""
+    sink, window, chunk, tokens, layers = 2, 4, 2, 3, 3
+    cache = world.KVCache(sink_frames=sink, window_frames=window, token_dim=token_dim)
+    gen = torch.Generator().manual_seed(0)
+    shape = [2, chunk * tokens, 8] if token_dim == 1 else [2, 4, chunk * tokens, 5]
+
+    def pairs():
+        return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(layers)]
+
+    held, storage = None, []
+    for index in range(12):
+        for k_v in (pairs(), pairs()):  # two denoising passes: each overwrites the chunk's slots
+            for layer, (k, v) in enumerate(k_v):
+                keys, values = cache.attend(layer, k, v)
+                expected = (k, v) if held is None else (torch.cat([held[layer][0], k], token_dim),
+                                                         torch.cat([held[layer][1], v], token_dim))
+                assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+        written = pairs()
+        if index % 2:
+            cache.append(written, chunk)
+        else:  # the write pass through attend, then append of the very views it returned
+            slots = []
+            for layer, (k, v) in enumerate(written):
+                keys, values = cache.attend(layer, k, v)
+                slots.append((keys.narrow(token_dim, keys.shape[token_dim] - k.shape[token_dim], k.shape[token_dim]),
+                              values.narrow(token_dim, values.shape[token_dim] - v.shape[token_dim], v.shape[token_dim])))
+            cache.append(slots, chunk)
+        held = written if held is None else [(torch.cat([h[0], w[0]], token_dim), torch.cat([h[1], w[1]], token_dim))
+                                             for h, w in zip(held, written, strict=True)]
+        frames = held[0][0].shape[token_dim] // tokens
+        if frames > sink + window:  # keep the sink and the latest window
+            held = [tuple(torch.cat([t.narrow(token_dim, 0, sink * tokens),
+                                     t.narrow(token_dim, (frames - window) * tokens, window * tokens)], token_dim) for t in h)
+                    for h in held]
+        for layer in range(layers):
+            k, v, positions = cache.context(layer)
+            assert torch.equal(k, held[layer][0]) and torch.equal(v, held[layer][1])
+            assert torch.equal(positions, torch.arange(cache.frames).repeat_interleave(tokens))
+        storage.append((cache.allocated_bytes(), [k.data_ptr() for k, _ in cache.layers]))
+    assert cache.frames == sink + window and cache.evicted == 12 * chunk - sink - window
+    full = (sink + window) // chunk - 1  # the chunk after which the window is full
+    assert storage[full:] == [storage[full]] * (12 - full), "the buffers grew or moved after the window filled"
+    per_frame = 2 * layers * 4 * (shape[0] * 8 if token_dim == 1 else shape[0] * 4 * 5) * tokens  # k + v, float32
+    assert cache.allocated_bytes() == (sink + window + chunk) * per_frame and cache.nbytes() == (sink + window) * per_frame
+
+
 def test_first_chunk_and_later_chunk_steps_are_honoured():
     spy = Spy(random_model())
     schedule = world.ChunkSchedule.few_step(2, first_steps=4)

@@ -12,15 +12,26 @@ Two host mechanisms do it (comfy/ldm/wan/model.py, v0.3.64):
 Keys are cached after RoPE, at their absolute frame positions, as Self-Forcing caches them. A
 causally trained Wan 2.1 checkpoint (Self-Forcing, CausVid) is an ordinary Wan state dict: load it
 with the stock Load Diffusion Model node.
+
+With `WanCausalRun(..., compile=True)` each block runs through `torch.compile` (inductor fuses its
+RoPE, norms, modulation and gating) while the attention override stays eager: it is
+`torch.compiler.disable`d, so dynamo breaks the graph there and the KV cache stays plain Python. The
+compiled function is a trampoline that is handed the host's own block call: dynamo guards on code and
+shapes, not on which block, so one set of graphs serves every block and every cache length (the cache
+never enters a graph), and the host's model objects are not touched (no `block.compile()`).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
 from ...fastgen_core.world import KVCache
 
 RUN_KEY = "fastgen_causal_run"
+log = logging.getLogger("fastgen")
 
 
 class WanCausalRun:
@@ -30,8 +41,13 @@ class WanCausalRun:
     shared state, not data, so a copy is the same object.
     """
 
-    def __init__(self, diffusion_model, cache: KVCache):
-        self.diffusion_model, self.cache = diffusion_model, cache
+    def __init__(self, diffusion_model, cache: KVCache, compile: bool | str = False):
+        """`compile`: run the blocks through torch.compile (True, or a torch.compile mode such as
+        "reduce-overhead"; off for good, with a warning, if
+        compiling fails: the eager blocks give the same result)."""
+        if cache.token_dim != 1:
+            raise ValueError("the host's attention takes [B, N, C]: make the cache with KVCache(token_dim=1)")
+        self.diffusion_model, self.cache, self.compile = diffusion_model, cache, compile
         self.freqs = None  # rotary embedding of the current chunk
         self.write = False  # the context pass: keep this chunk's keys and values for the cache
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -82,13 +98,44 @@ def _block_patch(index: int):
         if run.freqs is not None:
             args = {**args, "pe": run.freqs.to(args["pe"])}
         try:
-            return extra["original_block"](args)
+            return _run_block(run, extra["original_block"], args)
         finally:
             run.layer = None
 
     return patch
 
 
+def _run_block(run: WanCausalRun, original_block, args):
+    if not run.compile:
+        return original_block(args)
+    try:
+        mode = run.compile if isinstance(run.compile, str) else None
+        out = _compiled_block(mode)(original_block, args)
+        if mode == "reduce-overhead":  # the next block replays the same CUDA graphs over this output
+            out = {**out, "img": out["img"].clone()}
+        return out
+    except Exception as err:  # noqa: BLE001 - any compiler failure: the eager block is exact (a real error recurs there)
+        log.warning("FastGen causal loop: torch.compile of the Wan blocks failed (%s); running them eagerly",
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        run.compile = False
+        run.attention_calls = 0  # the failed attempt may have got past the self-attention already
+        return original_block(args)
+
+
+def _call_block(original_block, args):
+    """The host's own block call (its `block_wrap`): dynamo traces through it to the block's forward."""
+    return original_block(args)
+
+
+@functools.cache
+def _compiled_block(mode: str | None = None):
+    """One compiled `_call_block` per torch.compile mode for the process, made on first use
+    (torch.compile's imports are slow). The 30 blocks share its graphs; a new latent size compiles
+    once more. `mode` "reduce-overhead" also replays the compiled pieces as CUDA graphs."""
+    return torch.compile(_call_block, mode=mode)
+
+
+@torch.compiler.disable  # eager inside a compiled block: the cache is Python state, not graph input
 def causal_attention(func, q, k, v, *args, **kwargs):
     """The attention override: self-attention of a Wan block sees [cache, chunk] (or the mask)."""
     run = _run(kwargs.get("transformer_options"))
@@ -99,12 +146,11 @@ def causal_attention(func, q, k, v, *args, **kwargs):
         return func(q, k, v, *args, **kwargs)
     if run.mask is not None:
         return func(q, k, v, *args, **{**kwargs, "mask": run.mask.to(q)})
-    if run.write:
-        run.pending[run.layer] = (k, v)
-    context = run.cache.context(run.layer)
-    if context is not None:
-        k, v = torch.cat([context[0].to(k), k], dim=1), torch.cat([context[1].to(v), v], dim=1)
-    return func(q, k, v, *args, **kwargs)
+    keys, values = run.cache.attend(run.layer, k, v)  # views of the cache's buffer: no concatenation
+    if run.write:  # this chunk's slots, where end_chunk's append finds them already in place
+        tokens = k.shape[1]
+        run.pending[run.layer] = (keys[:, -tokens:], values[:, -tokens:])
+    return func(q, keys, values, *args, **kwargs)
 
 
 def make_causal(model, run: WanCausalRun):

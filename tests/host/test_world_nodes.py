@@ -35,6 +35,17 @@ def test_causal_video_sampler_generates_five_chunks_on_a_tiny_wan(comfy):
     assert text.startswith("5 chunks of 2 latent frames, 2 steps each") and "cache holds 10 frames" in text
 
 
+def test_compiled_blocks_give_the_eager_video(comfy):
+    """compile on: the host's Wan blocks through torch.compile (attention eager); the latent equals
+    the eager run's within float tolerance, and the node says the blocks were compiled."""
+    eager, _ = run_latent(comfy, causal_graph(latent_frames=6))
+    prompt = causal_graph(latent_frames=6)
+    prompt["s"]["inputs"]["compile"] = True
+    compiled, entry = run_latent(comfy, prompt)
+    assert "blocks compiled by torch.compile" in node_text(entry, "s"), node_text(entry, "s")
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), (compiled - eager).abs().max()
+
+
 def test_a_quantized_model_runs_the_loop_and_the_node_says_what_it_costs(comfy):
     prompt = causal_graph(latent_frames=4)
     prompt["q"] = {"class_type": "FastGenQuantizeModel",

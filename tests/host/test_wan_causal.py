@@ -1,0 +1,97 @@
+"""The causal adapter's compiled blocks (#7) against its eager blocks, on the host's own Wan 2.1
+code in this process (no server): same outputs, one set of graphs for every block and cache length."""
+
+import importlib.util
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from comfy_host import REPO, find_comfyui
+
+
+@pytest.fixture(scope="module")
+def host_wan():
+    """(WanModel, comfy.ops, wan_causal, world) with a tiny random Wan: 4 blocks, dim 64."""
+    path, reason = find_comfyui()
+    if path is None:
+        pytest.skip(reason)
+    sys.path.insert(0, path)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA probe
+        import comfy.ops
+        from comfy.ldm.wan.model import WanModel
+    except Exception as error:  # a host that cannot import its Wan here (missing optional packages)
+        pytest.skip(f"the host's Wan does not import in-process: {error}")
+    finally:
+        sys.path.remove(path)  # the host's top-level modules (nodes, utils, server) must not shadow others
+    spec = importlib.util.spec_from_file_location("causal_video_bench", os.path.join(REPO, "benchmarks", "causal_video.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    wan_causal, _ = bench.load_adapters()  # the adapter as a module of a stand-in package
+    torch.manual_seed(0)
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=64, ffn_dim=128, freq_dim=32,
+                     text_dim=32, out_dim=16, num_heads=2, num_layers=4, cross_attn_norm=True, device="cpu",
+                     dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    bench.randomize(model)
+    return model, wan_causal, bench.world
+
+
+def causal_video(host_wan, compile: bool, chunks: int = 4):
+    """Every forward's output over `chunks` chunks (2 steps + the context pass each) with a sink of
+    1 frame and a window of 2, so the cache fills, evicts and the attention sees 4 key lengths."""
+    model, wan_causal, world = host_wan
+    run = wan_causal.WanCausalRun(model, world.KVCache(sink_frames=1, window_frames=2, token_dim=1), compile=compile)
+    options = {"patches_replace": {"dit": {("double_block", i): wan_causal._block_patch(i) for i in range(len(model.blocks))}},
+               "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
+    gen = torch.Generator().manual_seed(1)
+    context = torch.randn(1, 8, 32, generator=gen)
+    shape = (1, 16, 2, 4, 6)
+    outs = []
+    with torch.no_grad():
+        for _ in range(chunks):
+            x = torch.randn(shape, generator=gen)
+            run.begin_chunk(shape, "cpu", torch.float32)
+            for level in (900.0, 500.0):
+                outs.append(model(x, torch.full((1,), level), context, transformer_options=options))
+                x = x - 0.3 * outs[-1]
+            run.begin_chunk(shape, "cpu", torch.float32, write=True)
+            outs.append(model(x, torch.zeros(1), context, transformer_options=options))
+            run.end_chunk(2)
+    assert run.cache.evicted == 2 * chunks - 3
+    return outs, run
+
+
+def test_compiled_blocks_equal_eager_blocks_without_recompiling(host_wan):
+    from torch._dynamo.utils import counters, guard_failures
+
+    torch._dynamo.reset()
+    eager, _ = causal_video(host_wan, compile=False)
+    compiled, run = causal_video(host_wan, compile=True)
+    if not run.compile:
+        pytest.skip("torch.compile does not work in this environment (the run fell back to eager blocks)")
+    assert max(float((a - b).abs().max()) for a, b in zip(eager, compiled, strict=True)) <= 1e-5
+    # each recompile starts with a guard failure: none means the 4 blocks and every cache length share the graphs
+    assert sum(map(len, guard_failures.values())) == 0
+    traced = counters["frames"]["total"]
+    again, _ = causal_video(host_wan, compile=True)
+    assert counters["frames"]["total"] == traced, "a second video traced frames again"
+    assert all(torch.equal(a, b) for a, b in zip(compiled, again, strict=True))
+
+
+def test_a_failing_compile_falls_back_to_the_eager_blocks(host_wan, monkeypatch, caplog):
+    _, wan_causal, _ = host_wan
+
+    def broken(original_block, args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(wan_causal, "_compiled_block", lambda mode=None: broken)
+    eager, _ = causal_video(host_wan, compile=False, chunks=2)
+    with caplog.at_level(logging.WARNING, logger="fastgen"):
+        fallen_back, run = causal_video(host_wan, compile=True, chunks=2)
+    assert not run.compile
+    assert "torch.compile of the Wan blocks failed (no compiler here); running them eagerly" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(eager, fallen_back, strict=True))
