@@ -216,7 +216,7 @@ def causal_video() -> Graph:
     text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
                   inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
     sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")]
-    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed"], inputs=sampler_inputs,
+    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", False], inputs=sampler_inputs,
                      outputs=[("LATENT", "LATENT")], pos=(860, 60), size=(360, 420))
     vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(1260, 60), size=(300, 60))
     decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
@@ -231,6 +231,36 @@ def causal_video() -> Graph:
     g.link(sampler, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
     g.link(decode, 0, save, "images")
+    return g
+
+
+def causal_video_fast() -> Graph:
+    """The same student at interactive speed: the blocks compiled (torch.compile) and each chunk's
+    frames streamed by the tiny video decoder (taew2_1 in models/vae_approx) straight to the WEBP:
+    35.7 FPS and 0.24 s to the first chunk for 81 frames at 832x480 on an H200."""
+    g = Graph()
+    model = g.node("UNETLoader", [SELF_FORCING_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
+    shift = g.node("ModelSamplingSD3", [5.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")], pos=(40, 190),
+                   size=(360, 60))
+    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 290), size=(360, 110))
+    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], outputs=[("LATENT", "LATENT")], pos=(40, 440), size=(360, 130))
+    text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
+    tiny = g.node("FastGenLoadTinyVideoDecoder", ["taew2_1.safetensors"], outputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
+                  pos=(440, 540), size=(380, 60))
+    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"),
+                      ("tiny_decoder", "FASTGEN_TINY_DECODER")]
+    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", True], inputs=sampler_inputs,
+                     outputs=[("LATENT", "LATENT"), ("frames", "IMAGE")], pos=(860, 60), size=(360, 460))
+    save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video_fast", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
+                  pos=(1260, 60), size=(420, 360))
+    g.link(model, 0, shift, "model")
+    g.link(shift, 0, sampler, "model")
+    g.link(clip, 0, text, "clip")
+    g.link(text, 0, sampler, "positive")
+    g.link(latent, 0, sampler, "latent")
+    g.link(tiny, 0, sampler, "tiny_decoder")
+    g.link(sampler, 1, save, "images")
     return g
 
 
@@ -283,6 +313,7 @@ WORKFLOW_BUILDERS = {
     "distill_dmd_lora.json": distill_dmd_lora,
     "wan_step_distill_lora.json": wan_step_distill_lora,
     "causal_video.json": causal_video,
+    "causal_video_fast.json": causal_video_fast,
     "world_model_play.json": world_model_play,
     "quantize_model.json": quantize_model,
     "embedded_teacher_cache.json": embedded_teacher_cache,
