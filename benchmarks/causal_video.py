@@ -147,7 +147,8 @@ def main():
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
     parser.add_argument("--variants", default="bf16",
                         help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), compile (torch.compile of "
-                             "the blocks, attention eager), graphs (compile with CUDA graphs), tiny (the tiny video decoder), "
+                             "the blocks, attention eager), graphs (compile with CUDA graphs), "
+                             "autotune (compile, max-autotune), tiny (the tiny video decoder), "
                              "combined with +")
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one chunk per variant")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
@@ -251,10 +252,12 @@ def variant_installed(variant: str, dm, device):
                 settings["compile"] = True
             elif part == "graphs":  # torch.compile's reduce-overhead mode: the compiled pieces as CUDA graphs
                 settings["compile"] = "reduce-overhead"
+            elif part == "autotune":  # inductor's own GEMM kernels with fused epilogues, tuned per shape
+                settings["compile"] = "max-autotune-no-cudagraphs"
             elif part == "tiny":
                 settings["decoder"] = "tiny"
             elif part != "bf16":
-                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn, compile, graphs, tiny)")
+                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn, compile, graphs, autotune, tiny)")
         yield settings
 
 
