@@ -203,11 +203,9 @@ def wan_step_distill_lora() -> Graph:
 SELF_FORCING_MODEL = "self_forcing_dmd.safetensors"
 
 
-def causal_video() -> Graph:
-    """A causally trained Wan 2.1 1.3B student (Self-Forcing's DMD checkpoint, saved as a Wan state
-    dict) -> ModelSamplingSD3 shift 5 (its schedule) -> FastGen Causal Video Sampler: 7 chunks of 3
-    latent frames (81 video frames), 4 steps each, every earlier frame kept -> decode -> WEBP."""
-    g = Graph()
+def self_forcing_inputs(g: Graph) -> tuple[int, int, int]:
+    """The causal workflows' shared left side: Self-Forcing's student (Wan state dict) with its
+    shift-5 schedule, the prompt, an 81-frame 832x480 latent -> (model, positive, latent) node ids."""
     model = g.node("UNETLoader", [SELF_FORCING_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
     shift = g.node("ModelSamplingSD3", [5.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")], pos=(40, 190),
                    size=(360, 60))
@@ -215,17 +213,32 @@ def causal_video() -> Graph:
     latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], outputs=[("LATENT", "LATENT")], pos=(40, 440), size=(360, 130))
     text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
                   inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
-    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")]
-    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", False], inputs=sampler_inputs,
-                     outputs=[("LATENT", "LATENT")], pos=(860, 60), size=(360, 420))
+    g.link(model, 0, shift, "model")
+    g.link(clip, 0, text, "clip")
+    return shift, text, latent
+
+
+def causal_sampler(g: Graph, compile: bool, extra_inputs=(), size=(360, 420)) -> int:
+    """FastGen Causal Video Sampler: 7 chunks of 3 latent frames (81 video frames), 4 steps each,
+    every earlier frame kept, seed 42."""
+    inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), *extra_inputs]
+    return g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", compile], inputs=inputs,
+                  outputs=[("LATENT", "LATENT"), ("frames", "IMAGE")], pos=(860, 60), size=size)
+
+
+def causal_video() -> Graph:
+    """A causally trained Wan 2.1 1.3B student (Self-Forcing's DMD checkpoint, saved as a Wan state
+    dict) -> ModelSamplingSD3 shift 5 (its schedule) -> FastGen Causal Video Sampler -> VAE Decode
+    -> WEBP."""
+    g = Graph()
+    model, text, latent = self_forcing_inputs(g)
+    sampler = causal_sampler(g, compile=False)
     vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(1260, 60), size=(300, 60))
     decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
                     pos=(1260, 170), size=(200, 50))
     save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
                   pos=(1260, 270), size=(420, 360))
-    g.link(model, 0, shift, "model")
-    g.link(shift, 0, sampler, "model")
-    g.link(clip, 0, text, "clip")
+    g.link(model, 0, sampler, "model")
     g.link(text, 0, sampler, "positive")
     g.link(latent, 0, sampler, "latent")
     g.link(sampler, 0, decode, "samples")
@@ -239,24 +252,13 @@ def causal_video_fast() -> Graph:
     frames streamed by the tiny video decoder (taew2_1 in models/vae_approx) straight to the WEBP:
     35.7 FPS and 0.24 s to the first chunk for 81 frames at 832x480 on an H200."""
     g = Graph()
-    model = g.node("UNETLoader", [SELF_FORCING_MODEL, "default"], outputs=[("MODEL", "MODEL")], pos=(40, 60), size=(360, 90))
-    shift = g.node("ModelSamplingSD3", [5.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")], pos=(40, 190),
-                   size=(360, 60))
-    clip = g.node("CLIPLoader", [WAN_TEXT_ENCODER, "wan", "default"], outputs=[("CLIP", "CLIP")], pos=(40, 290), size=(360, 110))
-    latent = g.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], outputs=[("LATENT", "LATENT")], pos=(40, 440), size=(360, 130))
-    text = g.node("CLIPTextEncode", ["a red fox trotting through fresh snow at sunrise, cinematic, shallow depth of field"],
-                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], pos=(440, 340), size=(380, 150))
+    model, text, latent = self_forcing_inputs(g)
     tiny = g.node("FastGenLoadTinyVideoDecoder", ["taew2_1.safetensors"], outputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
                   pos=(440, 540), size=(380, 60))
-    sampler_inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"),
-                      ("tiny_decoder", "FASTGEN_TINY_DECODER")]
-    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", True], inputs=sampler_inputs,
-                     outputs=[("LATENT", "LATENT"), ("frames", "IMAGE")], pos=(860, 60), size=(360, 460))
+    sampler = causal_sampler(g, compile=True, extra_inputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")], size=(360, 460))
     save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video_fast", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
                   pos=(1260, 60), size=(420, 360))
-    g.link(model, 0, shift, "model")
-    g.link(shift, 0, sampler, "model")
-    g.link(clip, 0, text, "clip")
+    g.link(model, 0, sampler, "model")
     g.link(text, 0, sampler, "positive")
     g.link(latent, 0, sampler, "latent")
     g.link(tiny, 0, sampler, "tiny_decoder")
