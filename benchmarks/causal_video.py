@@ -190,7 +190,7 @@ def main():
         attention_backends(dm, args, dtype)
     tflop = floor_tflop(args, layers=size["num_layers"], dim=size["dim"], ffn=size["ffn_dim"])
     for variant in args.variants.split(","):
-        with variant_installed(variant, dm, device) as settings:
+        with variant_installed(variant, dm, device, args.small) as settings:
             warm_up = time.perf_counter()
             rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, min(2, chunks), compile=settings["compile"])
             if settings["compile"]:
@@ -228,12 +228,12 @@ def compile_counts() -> str:
 
 
 @contextlib.contextmanager
-def variant_installed(variant: str, dm, device):
+def variant_installed(variant: str, dm, device, small: bool = False):
     """'bf16' as is; 'fp8' / 'int8': the block Linears through FastGen's quantize path (what FastGen
     Quantize Model installs); 'cudnn': SDPA on cuDNN's attention kernels instead of the default
     choice; 'compile': the blocks through torch.compile (WanCausalRun's switch); 'tiny': decode
-    with the tiny video decoder instead of the Wan VAE; combined with '+'.
-    Yields the rollout's settings."""
+    with the tiny video decoder instead of the Wan VAE; combined with '+'. `small` (CPU): fp8 / int8
+    run their real GEMM code instead of fake-quant. Yields the rollout's settings."""
     settings = {"compile": False, "decoder": "wan"}
     with contextlib.ExitStack() as stack:
         for part in variant.split("+"):
@@ -242,8 +242,11 @@ def variant_installed(variant: str, dm, device):
 
                 bank = quant.quantize_model(dm, part)
                 bank.path, why = quant.choose_path(bank.format, torch.device(device))
-                print(f"[{variant}] {bank.quantized_count()} layers quantized: {why}")
-                stack.enter_context(bank.installed(dm))
+                if device == "cpu" and small:  # the GPU's GEMM code (torch._scaled_mm / _int_mm run on CPU): correctness only
+                    bank.path, why = part, f"{part} GEMM code on CPU (correctness only, no speed meaning)"
+                stack.enter_context(bank.installed(dm))  # compresses the weights now: compiled blocks run the GEMMs in their graphs
+                print(f"[{variant}] {bank.quantized_count()} layers quantized: {why}; "
+                      f"{bank.compiled_layers} with their GEMM ready to run inside compiled blocks")
             elif part == "cudnn":
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 

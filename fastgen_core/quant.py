@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import re
+import types
 from dataclasses import dataclass
 
 import torch
@@ -314,6 +315,7 @@ class LayerQuantizers:
         self.path = "fake"
         self.fallback = None  # why a real GEMM path fell back to fake-quant, if it did
         self._cache: dict[str, tuple] = {}
+        self.compiled_layers = 0  # layers on the compiled GEMM path at the last `installed` (see there)
 
     def to(self, device) -> LayerQuantizers:
         """Move the quantizers' state (amax, pre-quant scales) to `device`. Only the quantizers:
@@ -453,7 +455,7 @@ class LayerQuantizers:
         computed per call): the real paths quantize a weight once per version. A layer stored
         compact (see `compact_layer`) runs on its codes through `compact_linear` instead."""
         shadow = self.shadows[name]
-        if self.path in ("fp8", "int8") and _gemm_shapes_ok(x, weight, self.path):
+        if self.path in ("fp8", "int8") and _gemm_shapes_ok(weight):
             try:
                 return self._real_linear(name, shadow, x, weight, bias, weight_key)
             except RuntimeError as err:  # a torch / driver without this kernel: keep the run going
@@ -471,7 +473,7 @@ class LayerQuantizers:
         """A compact layer straight on its stored codes, or None where the real GEMM cannot take
         it (then the caller dequantizes the weight and goes through `linear`)."""
         if self.path not in ("fp8", "int8") or codes.dtype != _CODE_DTYPES[self.path] or codes.device != x.device \
-                or not _gemm_shapes_ok(x, codes, self.path):
+                or not _gemm_shapes_ok(codes):
             return None
         try:
             return self._gemm(self.shadows[name], x, codes, scale, bias)
@@ -489,15 +491,45 @@ class LayerQuantizers:
             shadow._parameters[key] = value
 
     def _real_linear(self, name, shadow, x, weight, bias, weight_key):
+        _, w_q, w_scale, *_ = self._compressed(name, shadow, weight, weight_key, x)
+        return self._gemm(shadow, x, w_q, w_scale, bias)
+
+    def _compressed(self, name, shadow, weight, weight_key, x):
+        """The cache entry of a layer's compressed weight, (key, codes, scale, x dtype, x device):
+        made once per weight version (`weight_key`; None: not cached) and path."""
         cached = self._cache.get(name)
-        if cached is None or weight_key is None or cached[0] != weight_key:
+        if cached is None or weight_key is None or cached[0] != weight_key or cached[1].dtype != _CODE_DTYPES[self.path]:
             smoothing = _weight_pre_quant_scale(shadow)
             w = weight if smoothing is None else weight * smoothing.to(weight)
-            cached = (weight_key, *compress_weight(w, self.path))
+            cached = (weight_key, *compress_weight(w, self.path), x.dtype, x.device)
             if weight_key is not None:
                 self._cache[name] = cached
-        _, w_q, w_scale = cached
-        return self._gemm(shadow, x, w_q, w_scale, bias)
+        return cached
+
+    def _graph_inputs(self, name, module, weights) -> tuple[dict[str, torch.Tensor], torch.dtype] | None:
+        """The tensors through which a compiled forward runs one layer's real GEMM (`_layer_forward`),
+        and the input dtype they are for; None where the layer stays on the eager path (fake-quant,
+        a compact layer, a weight without a cache key such as low-VRAM patches or on another device
+        than its inputs, widths the GEMM cannot take). The compressed weight is made here if the cache has none for the layer's
+        current weight: for the dtype and device of the last input, or at first the weight's own."""
+        if self.path not in ("fp8", "int8") or getattr(module, "compact_format", None) or module.weight.ndim != 2:
+            return None
+        cached = self._cache.get(name)
+        dtype, device = (cached[3], cached[4]) if cached is not None else (module.weight.dtype, module.weight.device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # e.g. an fp8 checkpoint's weight: learn x first
+            return None
+        probe = torch.empty((0, module.weight.shape[1]), dtype=dtype, device=device)  # no data: the weights' dtype and device
+        weight, bias, key = weights(module, probe)
+        if key is None or weight.device != probe.device or not _gemm_shapes_ok(weight):
+            return None
+        shadow = self.shadows[name]
+        _, w_q, w_scale, *_ = self._compressed(name, shadow, weight, key, probe)
+        tensors = {"w_q": w_q, "w_scale": w_scale, "bias": None if bias is None else bias.detach(),
+                   "input_amax": _static_amax(shadow.input_quantizer)}
+        quantizer = shadow.input_quantizer
+        if getattr(quantizer, "_enable_pre_quant_scale", False):
+            tensors["input_scale"] = quantizer.pre_quant_scale
+        return {f"{_PREFIX}{k}": v for k, v in tensors.items() if v is not None}, dtype
 
     def _gemm(self, shadow, x, w_q, w_scale, bias):
         x = _input_pre_quant(shadow, x)
@@ -512,30 +544,108 @@ class LayerQuantizers:
 
         `weights(module, x) -> (weight, bias, key)` gives a layer's current weight (default: its
         parameters as they are). The forward is swapped on the module instances only for the
-        block, so other users of the same model are unaffected outside it."""
+        block, so other users of the same model are unaffected outside it.
+
+        Every layer gets the same forward function (`_layer_forward`), so torch.compile traces one
+        graph for all of them. On the real GEMM paths a layer whose weight has a cache key also
+        gets its compressed weight (made now if not cached) and the other per-layer tensors as
+        non-persistent buffers: a compiled forward runs its GEMM inside the graph, with these
+        tensors as graph inputs. They are the weight of entry time: a weight changed inside the
+        block reaches eager calls only (the node enters this per model call). Everything else (and
+        every eager call) goes through the eager `_QuantForward`. `compiled_layers` counts the
+        layers with a compiled path at the last entry."""
         weights = weights or _plain_weights
-        swapped = []
+        installs = []
+        self.compiled_layers = 0
         try:
             for name in self.layers:
                 module = model.get_submodule(name)
-                swapped.append((module, module.__dict__.get("forward")))
-                module.forward = _QuantForward(self, name, module, weights)
+                installs.append(_Install(module))
+                module.__dict__[_EAGER] = _QuantForward(self, name, module, weights)
+                graph = self._graph_inputs(name, module, weights)
+                # bound methods of two shared functions: dynamo guards on the function, not on the layer
+                module.forward = types.MethodType(_eager_layer if graph is None else _layer_forward, module)
+                if graph is not None:
+                    tensors, dtype = graph
+                    for key, value in tensors.items():
+                        module.register_buffer(key, value, persistent=False)
+                    module.__dict__[_DTYPE] = dtype
+                    self.compiled_layers += 1
             yield self
         finally:
-            for module, previous in swapped:
-                if previous is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = previous
+            for install in reversed(installs):
+                install.restore()
+
+
+_PREFIX = "_fastgen_"  # the per-layer buffers of a compiled forward (installed / _layer_forward)
+_EAGER, _DTYPE = "_fastgen_eager", "_fastgen_dtype"
+_BUFFERS = tuple(f"{_PREFIX}{k}" for k in ("w_q", "w_scale", "bias", "input_amax", "input_scale"))
+_MISSING = object()
+
+
+class _Install:
+    """What `installed` changes on one module, to put back exactly: its instance attributes
+    (forward, the eager forward, the input dtype) and the buffers of the compiled path."""
+
+    def __init__(self, module):
+        self.module = module
+        self.attrs = {a: module.__dict__.get(a, _MISSING) for a in ("forward", _EAGER, _DTYPE)}
+        self.buffers = {b: module._buffers.get(b, _MISSING) for b in _BUFFERS}
+        self.non_persistent = {b for b in _BUFFERS if b in module._non_persistent_buffers_set}
+
+    def restore(self):
+        module = self.module
+        for attr, value in self.attrs.items():
+            if value is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                module.__dict__[attr] = value
+        for buffer, value in self.buffers.items():
+            if value is _MISSING:
+                module._buffers.pop(buffer, None)
+            else:
+                module._buffers[buffer] = value
+            if buffer in self.non_persistent:
+                module._non_persistent_buffers_set.add(buffer)
+            else:
+                module._non_persistent_buffers_set.discard(buffer)
+
+
+def _layer_forward(self, x, *args, **kwargs):
+    """The forward of an installed layer with a compressed weight (bound to each such module):
+    one function for all layers, whose per-layer data are the module's own buffers, so dynamo
+    (inlining nn modules) lifts them as graph inputs and every layer shares one graph: no
+    per-layer object or name is traced. Compiled, it runs the real GEMM in the graph; eager (or
+    for an input of another dtype or device than the weight was compressed for), the layer's
+    `_QuantForward`, which checks the weight's version on every call."""
+    if not torch.compiler.is_compiling():
+        return self.__dict__[_EAGER](x, *args, **kwargs)
+    w_q = self._fastgen_w_q
+    if x.dtype != self._fastgen_dtype or x.device != w_q.device:
+        return _eager_layer(self, x, *args, **kwargs)
+    scale = self._buffers.get("_fastgen_input_scale")
+    if scale is not None:  # SmoothQuant's per-channel input smoothing
+        x = x * scale.to(x)
+    linear = int8_linear if w_q.dtype == torch.int8 else fp8_linear
+    return linear(x, w_q, self._fastgen_w_scale, self._buffers.get("_fastgen_bias"), self._buffers.get("_fastgen_input_amax"))
+
+
+# The forward of the other installed layers (fake-quant, compact, uncached weights), opaque to
+# torch.compile (a compiled block calls it eagerly, a graph break): the eager path's fake-quant
+# round trips must not be folded by inductor, and its cache is Python state. One function for
+# every layer (the module is its argument), so no per-layer guard either.
+@torch.compiler.disable
+def _eager_layer(module, x, *args, **kwargs):
+    return module.__dict__[_EAGER](x, *args, **kwargs)
 
 
 class _QuantForward:
+    """One layer's eager quantized forward (any path: fake-quant, compact codes, the real GEMMs
+    with the weight quantized once per version)."""
+
     def __init__(self, bank, name, module, weights):
         self.bank, self.name, self.module, self.weights = bank, name, module, weights
 
-    # Opaque to torch.compile (a compiled Wan block calls it eagerly): traced, each layer's own
-    # forward object and name would be guards, one recompile per layer, and inductor may fold the
-    # fake-quant round trips that the eager path computes.
     @torch.compiler.disable
     def __call__(self, x, *args, **kwargs):
         compressed = compact_codes(self.module, self.bank.path)
@@ -575,11 +685,11 @@ def _device_of(model: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------- real kernels
 
 
-def _gemm_shapes_ok(x, weight, path) -> bool:
-    """cuBLAS low-precision GEMMs want dimensions in multiples of 16 (int8: more than 16 rows)."""
-    rows = x.numel() // x.shape[-1]
+def _gemm_shapes_ok(weight) -> bool:
+    """cuBLAS low-precision GEMMs want dimensions in multiples of 16 (int8 also more than 16
+    rows: `int8_linear` pads fewer)."""
     n, k = weight.shape
-    return k % 16 == 0 and n % 16 == 0 and (path != "int8" or rows > 16)
+    return k % 16 == 0 and n % 16 == 0
 
 
 def _quantizer_device(shadow, default):
@@ -656,8 +766,8 @@ def _fused(fn, x: torch.Tensor):
     elsewhere, eager for good if compiling fails here (no Triton, no compiler). Shapes are
     dynamic: one compiled kernel set serves every layer width and token count.
     FASTGEN_QUANT_COMPILE=0 turns it off."""
-    if x.device.type != "cuda" or os.environ.get("FASTGEN_QUANT_COMPILE", "1") == "0":
-        return fn
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("FASTGEN_QUANT_COMPILE", "1") == "0":
+        return fn  # (inside a compiled graph, inductor fuses it with the rest)
     entry = _FUSED.get(fn)
     if entry is None:
         entry = _FUSED[fn] = _FirstCallFallback(fn)
@@ -700,10 +810,14 @@ def int8_linear(x, w_int8, w_scale, bias=None, input_amax=None):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x_int8, x_scale = _fused(_activation_codes, x)(x2, input_amax, "int8")
+    rows = x_int8.shape[0]
+    if rows <= 16:  # cuBLAS's int8 GEMM takes more than 16 rows: zero rows, cut off again
+        x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 32 - rows))
     try:
         acc = torch._int_mm(x_int8, w_int8.t())
     except RuntimeError:  # a build that wants the second operand row-major
         acc = torch._int_mm(x_int8, w_int8.t().contiguous())
+    acc = acc[:rows]
     out = _fused(_int8_epilogue, x)(acc, x_scale, w_scale.to(acc.device), bias, x.dtype)
     return out.reshape(*shape[:-1], -1)
 

@@ -401,3 +401,54 @@ def test_int4_layers_are_held_as_packed_codes_at_a_quarter_of_bf16():
     fc1.set_weight(values * 3.0)  # beyond the stored range: saturates at the block's largest code
     assert fc1.weight.dtype == torch.uint8
     assert quant.dequantized(fc1, fc1.weight, torch.float32).abs().max() <= values.abs().max() * 8 / 7 + 1e-6
+
+
+@pytest.mark.parametrize("path", ["int8", "fp8"])
+def test_real_gemm_layers_compile_into_the_models_graph(path):
+    """On the real GEMM paths the installed layers share one forward whose per-layer data are
+    buffers (the compressed weight, made when installing): torch.compile traces the whole teacher
+    as one graph, quantized GEMMs included, and each layer computes what its eager path does.
+    Leaving the block puts every module back as it was."""
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, path)
+    bank.path = path  # torch._scaled_mm / torch._int_mm run on CPU: the GPU's code
+    before = module_state(net)
+    layer, x = net.blocks[0].fc1, torch.randn(2, 64, 128, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch.no_grad(), bank.installed(net):
+        assert bank.compiled_layers == 24
+        eager, eager_layer = one_call(net), layer(x)
+        gen = torch.Generator().manual_seed(1)
+        inputs = (torch.randn(4, 3, 32, 32, generator=gen), torch.rand(4, generator=gen), class_conditioning([1, 2, 3, 10])[:, 0])
+        explained = torch._dynamo.explain(net)(*inputs)
+        compiled, compiled_layer = one_call(torch.compile(net)), torch.compile(layer)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert relative_error(compiled_layer, eager_layer) < 1e-5
+    # the whole model: float rounding of the compiled graph moves a few activation codes, which
+    # a quantized network amplifies (an input changed by 1e-7 moves this one's output by 2e-3)
+    exact = one_call(net)
+    assert relative_error(compiled, exact) < 1.5 * relative_error(eager, exact) and relative_error(compiled, eager) < 0.02
+    assert module_state(net) == before
+
+
+def module_state(net):
+    """What `installed` changes on the modules (their instance attributes, buffers), less the mark
+    torch.compile leaves on a compiled module."""
+    return {name: (set(m.__dict__) - {"_is_torch_compile"}, dict(m._buffers), set(m._non_persistent_buffers_set))
+            for name, m in net.named_modules()}
+
+
+def test_layers_without_a_compiled_path_break_the_graph_without_recompiling():
+    """Fake-quant (and compact, uncached) layers stay eager inside a compiled model: a graph break
+    per layer through one shared function, so no guard on a per-layer object."""
+    from torch._dynamo.utils import guard_failures
+
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, "int8")
+    torch._dynamo.reset()
+    with torch.no_grad(), bank.installed(net):
+        assert bank.compiled_layers == 0
+        eager = one_call(net)
+        compiled = one_call(torch.compile(net))
+    assert sum(map(len, guard_failures.values())) == 0
+    assert relative_error(compiled, eager) < 0.02
