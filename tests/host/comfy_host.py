@@ -42,6 +42,36 @@ def find_comfyui() -> tuple[str | None, str]:
     return None, "no ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (v0.3.64) to run the host tests"
 
 
+def import_host_in_process(importer):
+    """`importer()`'s result, run with the host on sys.path and set up for the CPU, in this
+    process (no server); the test is skipped, saying why, without a host or where its modules do
+    not import. The host leaves sys.path afterwards: its top-level modules (nodes, utils, server)
+    must not shadow others."""
+    import pytest
+
+    path, reason = find_comfyui()
+    if path is None:
+        pytest.skip(reason)
+    sys.path.insert(0, path)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA probe
+        return importer()
+    except Exception as error:  # a host that cannot import these modules here (missing optional packages)
+        pytest.skip(f"the host's modules do not import in-process: {error}")
+    finally:
+        sys.path.remove(path)
+
+
+def load_repo_module(name: str, *parts: str):
+    """A file of this repo as a module, by path (the pack's own __init__ wants the full host)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, *parts))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

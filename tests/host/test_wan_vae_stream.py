@@ -1,32 +1,20 @@
 """Streaming decode (#7) against the host's own Wan 2.1 VAE code, in this process (no server)."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
-from comfy_host import REPO, find_comfyui
+from comfy_host import import_host_in_process, load_repo_module
 
 
 @pytest.fixture(scope="module")
 def wan_vae_module():
-    path, reason = find_comfyui()
-    if path is None:
-        pytest.skip(reason)
-    sys.path.insert(0, path)
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA probe
+    def vae():
         from comfy.ldm.wan.vae import WanVAE
-    except Exception as error:  # a host that cannot import its VAE here (missing optional packages)
-        pytest.skip(f"the host's Wan VAE does not import in-process: {error}")
-    finally:
-        sys.path.remove(path)  # the host's top-level modules (nodes, utils, server) must not shadow others
-    spec = importlib.util.spec_from_file_location("wan_vae_stream", os.path.join(REPO, "nodes", "adapters", "wan_vae_stream.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+        return WanVAE
+
+    WanVAE = import_host_in_process(vae)
+    module = load_repo_module("wan_vae_stream", "nodes", "adapters", "wan_vae_stream.py")
     return WanVAE, module
 
 
