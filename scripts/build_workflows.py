@@ -250,7 +250,7 @@ def causal_video() -> Graph:
 def causal_video_fast() -> Graph:
     """The same student at interactive speed: the blocks compiled (torch.compile) and each chunk's
     frames streamed by the tiny video decoder (taew2_1 in models/vae_approx) straight to the WEBP:
-    35.7 FPS and 0.24 s to the first chunk for 81 frames at 832x480 on an H200."""
+    32-36 FPS and 0.24-0.29 s to the first chunk for 81 frames at 832x480 on an H200."""
     g = Graph()
     model, text, latent = self_forcing_inputs(g)
     tiny = g.node("FastGenLoadTinyVideoDecoder", ["taew2_1.safetensors"], outputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
