@@ -562,7 +562,11 @@ class LayerQuantizers:
                 module = model.get_submodule(name)
                 installs.append(_Install(module))
                 module.__dict__[_EAGER] = _QuantForward(self, name, module, weights)
-                graph = self._graph_inputs(name, module, weights)
+                try:
+                    graph = self._graph_inputs(name, module, weights)
+                except Exception as err:  # noqa: BLE001 - the eager forward works without it: never fail the run here
+                    log.debug("FastGen quantize: no compiled path for %s (%s)", name, err)
+                    graph = None
                 # bound methods of two shared functions: dynamo guards on the function, not on the layer
                 module.forward = types.MethodType(_eager_layer if graph is None else _layer_forward, module)
                 if graph is not None:

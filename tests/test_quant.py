@@ -431,6 +431,27 @@ def test_real_gemm_layers_compile_into_the_models_graph(path):
     assert module_state(net) == before
 
 
+def test_a_weights_function_that_fails_on_the_probe_leaves_the_layers_eager():
+    """Installing asks each layer's weights for a zero-row probe input to prepare the compiled path;
+    a weights function that cannot take it (a host cast with its own ideas) must cost only that
+    path: the layers run eagerly with the same output."""
+    net = checkpoint.load_network(TEACHER)[0]
+    bank = quant.quantize_model(net, "int8")
+    bank.path = "int8"
+
+    def picky(module, x):
+        if x.shape[0] == 0:
+            raise RuntimeError("no empty inputs here")
+        return module.weight, module.bias, (id(module.weight), module.weight._version)
+
+    with torch.no_grad():
+        with bank.installed(net):
+            expected = one_call(net)
+        with bank.installed(net, weights=picky):
+            assert bank.compiled_layers == 0
+            assert torch.equal(one_call(net), expected)
+
+
 def module_state(net):
     """What `installed` changes on the modules (their instance attributes, buffers), less the mark
     torch.compile leaves on a compiled module."""
