@@ -525,10 +525,7 @@ class LayerQuantizers:
         shadow = self.shadows[name]
         _, w_q, w_scale, *_ = self._compressed(name, shadow, weight, key, probe)
         tensors = {"w_q": w_q, "w_scale": w_scale, "bias": None if bias is None else bias.detach(),
-                   "input_amax": _static_amax(shadow.input_quantizer)}
-        quantizer = shadow.input_quantizer
-        if getattr(quantizer, "_enable_pre_quant_scale", False):
-            tensors["input_scale"] = quantizer.pre_quant_scale
+                   "input_amax": _static_amax(shadow.input_quantizer), "input_scale": _input_pre_quant_scale(shadow)}
         return {f"{_PREFIX}{k}": v for k, v in tensors.items() if v is not None}, dtype
 
     def _gemm(self, shadow, x, w_q, w_scale, bias):
@@ -709,9 +706,14 @@ def _weight_pre_quant_scale(shadow):
     return quantizer.pre_quant_scale if getattr(quantizer, "_enable_pre_quant_scale", False) else None
 
 
-def _input_pre_quant(shadow, x):
+def _input_pre_quant_scale(shadow):
+    """SmoothQuant's per-channel input smoothing of a layer, or None."""
     quantizer = shadow.input_quantizer
-    scale = quantizer.pre_quant_scale if getattr(quantizer, "_enable_pre_quant_scale", False) else None
+    return quantizer.pre_quant_scale if getattr(quantizer, "_enable_pre_quant_scale", False) else None
+
+
+def _input_pre_quant(shadow, x):
+    scale = _input_pre_quant_scale(shadow)
     return x if scale is None else x * scale.to(x)
 
 
