@@ -80,10 +80,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, compile=False):
-    """One video: returns (seconds to the first decoded chunk, total seconds, transformer s, decode s, frames)."""
-    cache = world.KVCache(token_dim=1)
-    run = wan_causal.WanCausalRun(dm, cache, compile=compile)
+def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, settings):
+    """One video: returns (seconds to the first decoded chunk, total seconds, transformer s, decode s, frames).
+
+    Each chunk: 4 denoising steps, its decode, then the context pass that puts its clean keys into
+    the cache, which the last chunk skips (no chunk reads it; `--all-context-passes` runs it, as
+    the earlier rounds did). The loop waits for each chunk's decode only (the frames are out: the
+    first chunk's latency ends there) while the context pass queued behind it runs; earlier rounds
+    synchronized after the context pass and after the decode."""
+    cache = settings.setdefault("cache", world.KVCache(token_dim=1))
+    cache.reset(keep_buffers=True)  # same buffers every video: graphs captured over them stay valid
+    run = wan_causal.WanCausalRun(dm, cache, compile=settings["compile"], graphs=settings.get("graphs"))
     options = {"patches_replace": {"dit": {("double_block", i): wan_causal._block_patch(i) for i in range(len(dm.blocks))}},
                "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
     shift = 5.0
@@ -92,11 +99,12 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, compi
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (1, 16, args.chunk, args.height // 8, args.width // 8)
     start = time.perf_counter()
-    first = transformer = decode = 0.0
+    first = decode = 0.0
     frames = 0
     chunk_times = []
+    settings["latents"] = []
     with torch.no_grad():
-        for _ in range(chunks):
+        for i in range(chunks):
             t0 = time.perf_counter()
             x = torch.randn(shape, generator=gen, device=device, dtype=dtype) * sigmas[0]
             run.begin_chunk(shape, device, dtype)
@@ -104,22 +112,54 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, compi
                 v = dm(x, torch.full((1,), s * 1000.0, device=device), context, transformer_options=options)
                 x0 = x - s * v
                 x = (1 - s_next) * x0 + s_next * torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            run.begin_chunk(shape, device, dtype, write=True)
-            dm(x0, torch.zeros(1, device=device), context, transformer_options=options)
-            run.end_chunk(args.chunk)
-            sync(device)
+            settings["latents"].append(x0.float())
+            with decode_timer(device) as seconds:
+                pixels = decoder(x0)
+            if i + 1 < chunks or args.all_context_passes:  # queued behind the decode: the GPU never waits for us
+                run.begin_chunk(shape, device, dtype, write=True)
+                dm(x0, torch.zeros(1, device=device), context, transformer_options=options)
+                run.end_chunk(args.chunk)
+            seconds.wait()  # the chunk's frames are out (a player would show them now)
             t1 = time.perf_counter()
-            pixels = decoder(x0)
-            sync(device)
-            t2 = time.perf_counter()
-            frames += pixels.shape[2]
-            transformer += t1 - t0
-            chunk_times.append(round(t1 - t0, 3))
-            decode += t2 - t1
             if not first:
-                first = t2 - start
-    print(f"  transformer seconds per chunk: {chunk_times}")
-    return first, time.perf_counter() - start, transformer, decode, frames, cache
+                first = t1 - start
+            frames += pixels.shape[2]
+            decode += seconds()
+            chunk_times.append(round(t1 - t0 - seconds(), 3))
+        sync(device)
+    print(f"  transformer seconds per chunk: {chunk_times}" + (f"; {run.graphs.report()}" if run.graphs else ""))
+    total = time.perf_counter() - start
+    return first, total, total - decode, decode, frames, cache
+
+
+class _Elapsed:
+    """The decode's seconds, measured inside the stream of GPU work (CUDA events), and a wait for
+    the decode alone: later work queued behind it keeps the GPU busy meanwhile."""
+
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def wait(self):
+        if self.cuda:
+            self.end.synchronize()
+
+    def __call__(self) -> float:
+        return self.begin.elapsed_time(self.end) / 1000.0 if self.cuda else self.seconds
+
+
+@contextlib.contextmanager
+def decode_timer(device):
+    elapsed = _Elapsed(device)
+    if elapsed.cuda:
+        elapsed.begin.record()
+    t0 = time.perf_counter()
+    yield elapsed
+    if elapsed.cuda:
+        elapsed.end.record()
+    else:
+        elapsed.seconds = time.perf_counter() - t0
 
 
 def floor_tflop(args, layers=30, dim=1536, ffn=8960, text=512):
@@ -129,10 +169,11 @@ def floor_tflop(args, layers=30, dim=1536, ffn=8960, text=512):
     linear = 2 * tokens * (8 * dim * dim + 2 * dim * ffn) * layers
     total, context = 0.0, 0
     chunks = args.frames // args.chunk
-    for _ in range(chunks):
+    for i in range(chunks):
         keys = context + tokens
         attention = (4 * tokens * keys * dim + 4 * tokens * text * dim) * layers
-        total += (args.steps + 1) * (linear + attention)
+        forwards = args.steps + (1 if i + 1 < chunks or args.all_context_passes else 0)  # + the context pass
+        total += forwards * (linear + attention)
         context += tokens
     return total / 1e12
 
@@ -147,13 +188,20 @@ def main():
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the VAE's 3D convolution kernels")
     parser.add_argument("--variants", default="bf16",
                         help="comma-separated runs: bf16, fp8, int8, cudnn (SDPA on cuDNN attention), compile (torch.compile of "
-                             "the blocks, attention eager), graphs (compile with CUDA graphs), "
+                             "the blocks, attention eager), graphs (compile with CUDA graphs), chunkgraphs (the 30 blocks of each "
+                             "forward replayed as one CUDA graph per cache length), "
                              "autotune (compile, max-autotune), tiny (the tiny video decoder), "
                              "combined with +")
-    parser.add_argument("--profile", action="store_true", help="kernel breakdown of one chunk per variant")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of the first chunk(s) per variant")
+    parser.add_argument("--profile-chunks", type=int, default=1, help="chunks the profiled video runs (--profile)")
+    parser.add_argument("--profile-rows", type=int, default=20, help="kernels listed (--profile)")
     parser.add_argument("--warmup-videos", type=int, default=0,
                         help="whole untimed videos after the 2-chunk warm-up (the first video after a cold compile ran "
                              "25-32 FPS against 33-36 later on the H200)")
+    parser.add_argument("--verify", action="store_true",
+                        help="with chunkgraphs: compare the timed video's latents with the same video run without graphs")
+    parser.add_argument("--all-context-passes", action="store_true",
+                        help="run the last chunk's context pass too (no chunk reads it; rounds before 2026-12-01's fourth did)")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
@@ -195,25 +243,33 @@ def main():
     for variant in args.variants.split(","):
         with variant_installed(variant, dm, device, args.small) as settings:
             warm_up = time.perf_counter()
-            rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, min(2, chunks), compile=settings["compile"])
+            rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, min(2, chunks), settings)
             for _ in range(args.warmup_videos):  # whole videos: every cache length, and compile workers gone quiet
-                rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, compile=settings["compile"])
+                rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, settings)
             if settings["compile"]:
                 print(f"[{variant}] warm-up with compiling {time.perf_counter() - warm_up:.1f} s; {compile_counts()}")
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             first, total, transformer, decode, frames, cache = rollout(
-                dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, compile=settings["compile"])
+                dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, settings)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             if settings["compile"]:
                 print(f"[{variant}] after the timed video: {compile_counts()}")
+            if args.verify and settings.get("graphs") is not None:
+                graphed, graphs = settings["latents"], settings.pop("graphs")
+                settings.pop("cache")
+                rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, settings)
+                difference = max(float((a - b).abs().max()) for a, b in zip(graphed, settings["latents"], strict=True))
+                scale = max(float(b.abs().max()) for b in settings["latents"])
+                print(f"[{variant}] verify: the graphed video's latents vs the same video without graphs: max |difference| "
+                      f"{difference:.3e} (latents up to {scale:.2f}); {graphs.report()}")
             if args.profile and device == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, 1, compile=settings["compile"])
-                print(f"[{variant}] profile of one chunk, top by CUDA time:")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+                    rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, args.profile_chunks, settings)
+                print(f"[{variant}] profile of {args.profile_chunks} chunk(s), top by CUDA time:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90))
         floor_s = tflop / args.peak_tflops
         print(f"[{variant}] video frames {frames}; total {total:.2f} s = {frames / total:.1f} FPS; "
               f"first chunk (denoised + decoded) {first:.3f} s")
@@ -262,10 +318,15 @@ def variant_installed(variant: str, dm, device, small: bool = False):
                 settings["compile"] = "reduce-overhead"
             elif part == "autotune":  # inductor's own GEMM kernels with fused epilogues, tuned per shape
                 settings["compile"] = "max-autotune-no-cudagraphs"
+            elif part == "chunkgraphs":  # the blocks of each forward as one CUDA graph per cache length (WanCausalRun's graphs)
+                from fastgen_core.graphs import ForwardGraphs
+
+                settings["graphs"] = ForwardGraphs()
             elif part == "tiny":
                 settings["decoder"] = "tiny"
             elif part != "bf16":
-                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn, compile, graphs, autotune, tiny)")
+                raise SystemExit(f"unknown variant part {part!r} (bf16, fp8, int8, cudnn, compile, graphs, chunkgraphs, autotune, "
+                                 "tiny)")
         yield settings
 
 

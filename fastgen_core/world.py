@@ -111,15 +111,29 @@ class KVCache:
         """Bytes of the buffers (held frames plus the room kept for the next chunk)."""
         return sum(b.numel() * b.element_size() for b in self._keys + self._values)
 
-    def reset(self):
-        self._keys: list[torch.Tensor] = []  # per layer: the buffer, tokens along token_dim
-        self._values: list[torch.Tensor] = []
+    def reset(self, keep_buffers: bool = False):
+        """Forget every frame. `keep_buffers`: keep the allocated buffers for the next video (their
+        addresses stay the same, which CUDA graphs captured over them need)."""
+        if not keep_buffers or not hasattr(self, "_keys"):
+            self._keys: list[torch.Tensor] = []  # per layer: the buffer, tokens along token_dim
+            self._values: list[torch.Tensor] = []
         self.tokens = 0  # tokens held per layer
         self.tokens_per_frame = 0
         self.frames = 0  # frames held now
         self.frames_seen = 0  # frames appended in total
         self.evicted = 0
         self.positions: torch.Tensor | None = None  # [B, N, P] per-token positions, for models that give them
+
+    def slots(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the `tokens` slots right after the held frames of a layer: where `attend`
+        wrote the last chunk's keys and values."""
+        return (self._keys[layer].narrow(self.token_dim, self.tokens, tokens),
+                self._values[layer].narrow(self.token_dim, self.tokens, tokens))
+
+    def layout(self) -> tuple:
+        """What a forward over the cache reads besides the values: the held length and the
+        buffers' addresses (a CUDA graph captured over them is valid while this is unchanged)."""
+        return (self.tokens, tuple(b.data_ptr() for b in self._keys + self._values))
 
     def _held(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer.narrow(self.token_dim, 0, self.tokens)

@@ -115,3 +115,22 @@ def test_load_from_safetensors_and_a_corrupt_file(tmp_path):
     bad.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(TinyVaeError, match="broken.safetensors"):
         tiny_vae.load_tiny_decoder(str(bad))
+
+
+def test_channels_last_gives_the_same_frames_and_every_convolution_sees_channels_last():
+    """The layout cuDNN's fast kernels want (on by default on CUDA): the frame order survives the
+    temporal growth and the previous-frame shift in that layout, for more than one video at once."""
+    state = random_state_dict()
+    plain = TinyVideoDecoder.from_state_dict(state).double()
+    fast = TinyVideoDecoder.from_state_dict(state).double()
+    z = torch.randn(2, 16, 4, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    layouts = []
+    for module in fast.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    reference, stream = plain.stream(channels_last=False), fast.stream(channels_last=True)
+    for part in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        expected, got = reference(z[:, :, part]), stream(z[:, :, part])
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=0, atol=1e-9)  # summation order only; a frame out of place is ~0.1
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convolutions got NCHW input"

@@ -19,6 +19,16 @@ RoPE, norms, modulation and gating) while the attention override stays eager: it
 compiled function is a trampoline that is handed the host's own block call: dynamo guards on code and
 shapes, not on which block, so one set of graphs serves every block and every cache length (the cache
 never enters a graph), and the host's model objects are not touched (no `block.compile()`).
+
+With `WanCausalRun(..., graphs=ForwardGraphs())` the whole stack of blocks is replayed as one CUDA
+graph per cache length (`fastgen_core.graphs`): the first block's patch runs all of them, the others
+pass its result on. The graph's inputs are the blocks' (tokens, text context, time modulation, the
+chunk's rotary embedding) and its key is the cache's layout (held length and buffer addresses), so
+a chunk's denoising steps and its context pass share one graph; after a replayed context pass the
+chunk's keys and values are already in the cache's slots, where `end_chunk` finds them. The
+embeddings and the head stay eager: the host builds its timestep embedding from a CPU tensor,
+which a CUDA graph cannot record. Only the text-to-video WanModel is graphed (its blocks take no
+image context); other Wan variants run their blocks eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import logging
 
 import torch
 
+from ...fastgen_core.graphs import ForwardGraphs
 from ...fastgen_core.world import KVCache
 
 RUN_KEY = "fastgen_causal_run"
@@ -41,18 +52,27 @@ class WanCausalRun:
     shared state, not data, so a copy is the same object.
     """
 
-    def __init__(self, diffusion_model, cache: KVCache, compile: bool | str = False):
+    def __init__(self, diffusion_model, cache: KVCache, compile: bool | str = False, graphs: ForwardGraphs | None = None):
         """`compile`: run the blocks through torch.compile (True, or a torch.compile mode such as
         "reduce-overhead"; off for good, with a warning, if
-        compiling fails: the eager blocks give the same result)."""
+        compiling fails: the eager blocks give the same result). `graphs`: replay whole forwards
+        as CUDA graphs (see the module's docstring; not with "reduce-overhead", which graphs the
+        compiled pieces itself)."""
         if cache.token_dim != 1:
             raise ValueError("the host's attention takes [B, N, C]: make the cache with KVCache(token_dim=1)")
-        self.diffusion_model, self.cache, self.compile = diffusion_model, cache, compile
+        if graphs is not None and compile == "reduce-overhead":
+            raise ValueError("whole-forward CUDA graphs and torch.compile's reduce-overhead mode exclude each other")
+        self.diffusion_model, self.cache, self.compile, self.graphs = diffusion_model, cache, compile, graphs
         self.freqs = None  # rotary embedding of the current chunk
         self.write = False  # the context pass: keep this chunk's keys and values for the cache
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mask = None  # block-causal mask for a whole-sequence forward (the reference path)
         self.layer, self.attention_calls = None, 0
+        self.blocks_done = False  # the graphed stack ran every block: the later patches pass its output on
+        if graphs is not None and (type(diffusion_model).__name__ != "WanModel"
+                                   or getattr(diffusion_model, "img_emb", None) is not None):
+            graphs.failure = f"CUDA graphs of the blocks are made for the text-to-video WanModel, not {type(diffusion_model).__name__}" + \
+                (" with image inputs" if getattr(diffusion_model, "img_emb", None) is not None else "")
 
     def __deepcopy__(self, memo):
         return self
@@ -62,7 +82,7 @@ class WanCausalRun:
         _, _, frames, h, w = latent_shape
         start = self.cache.frames_seen if first_frame is None else first_frame
         self.freqs = self.diffusion_model.rope_encode(frames, h, w, t_start=start, device=device, dtype=dtype)
-        self.write, self.pending, self.mask = write, {}, None
+        self.write, self.pending, self.mask, self.blocks_done = write, {}, None, False
 
     def begin_sequence(self, latent_shape, chunk_frames: int):
         """Before a forward over a whole sequence of chunks at once, under the block-causal mask."""
@@ -94,15 +114,55 @@ def _block_patch(index: int):
         run = _run(args.get("transformer_options"))
         if run is None:
             return extra["original_block"](args)
-        run.layer, run.attention_calls = index, 0
+        if index == 0:
+            run.blocks_done = False
+        elif run.blocks_done:  # block 0's patch ran the whole graphed stack
+            run.blocks_done = index < len(run.diffusion_model.blocks) - 1
+            return {"img": args["img"]}
         if run.freqs is not None:
             args = {**args, "pe": run.freqs.to(args["pe"])}
+        if index == 0 and run.graphs is not None and run.graphs.enabled and run.freqs is not None and run.mask is None:
+            out = _graphed_blocks(run, args)
+            run.blocks_done = len(run.diffusion_model.blocks) > 1
+            return {"img": out}
+        run.layer, run.attention_calls = index, 0
         try:
             return _run_block(run, extra["original_block"], args)
         finally:
             run.layer = None
 
     return patch
+
+
+def _host_block(block):
+    """What the host's forward_orig hands a block patch as "original_block" for this block (its
+    `block_wrap`, text-to-video: no image context)."""
+    def block_wrap(args):
+        return {"img": block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"], context_img_len=None,
+                             transformer_options=args["transformer_options"])}
+
+    return block_wrap
+
+
+def _graphed_blocks(run: WanCausalRun, args) -> torch.Tensor:
+    """Every block over args' tokens through the run's CUDA graphs (eager on a key's first call)."""
+    options, blocks = args["transformer_options"], run.diffusion_model.blocks
+
+    def stack(inputs):
+        x = inputs["img"]
+        try:
+            for j, block in enumerate(blocks):
+                run.layer, run.attention_calls = j, 0
+                x = _run_block(run, _host_block(block), {**inputs, "img": x, "transformer_options": options})["img"]
+        finally:
+            run.layer = None
+        return x
+
+    key = (run.cache.layout(), bool(run.compile))
+    out = run.graphs(key, stack, {name: args[name] for name in ("img", "txt", "vec", "pe")})
+    if run.write and len(run.pending) < len(blocks):  # replayed: no Python ran; the keys are in the cache's slots
+        run.pending = {i: run.cache.slots(i, args["img"].shape[1]) for i in range(len(blocks))}
+    return out
 
 
 def _run_block(run: WanCausalRun, original_block, args):
