@@ -41,6 +41,8 @@ class ForwardGraphs:
     """CUDA graphs of one forward function, keyed by the caller. All graphs share one memory pool,
     which is safe because they are replayed one at a time, in the order the caller runs them."""
 
+    device_type = "cuda"  # the inputs' device that graphs can record (the unit tests fake it on the CPU)
+
     def __init__(self):
         self.graphs: dict[Hashable, _Captured] = {}
         self.seen: set[Hashable] = set()
@@ -55,7 +57,7 @@ class ForwardGraphs:
     def __call__(self, key: Hashable, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                  inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """forward(inputs) -> a tensor; inputs: CUDA tensors whose values change between calls."""
-        if self.failure is None and not all(t.is_cuda for t in inputs.values()):
+        if self.failure is None and not all(t.device.type == self.device_type for t in inputs.values()):
             self.failure = "CUDA graphs need CUDA tensors (this forward runs on " + \
                 f"{next(iter(inputs.values())).device.type})"
         if self.failure is not None:

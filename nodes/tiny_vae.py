@@ -53,9 +53,10 @@ def stream_decoder(decoder: TinyVideoDecoder):
     return lambda latents: stream(latents.to(weight))
 
 
-def frames_as_images(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in 0..1 -> IMAGE [B*F, H, W, 3] on the CPU."""
-    return pixels.float().movedim(1, -1).reshape(-1, *pixels.shape[-2:], 3).cpu()
+def frames_as_images(pixels: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+    """[B, 3, F, H, W] in 0..1 -> IMAGE [B*F, H, W, 3], on the CPU unless `to_cpu` is off."""
+    images = pixels.float().movedim(1, -1).reshape(-1, *pixels.shape[-2:], 3)
+    return images.cpu() if to_cpu else images
 
 
 class FastGenLoadTinyVideoDecoder(io.ComfyNode):
