@@ -113,8 +113,15 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, setti
                 x0 = x - s * v
                 x = (1 - s_next) * x0 + s_next * torch.randn(shape, generator=gen, device=device, dtype=dtype)
             settings["latents"].append(x0.float())
-            with decode_timer(device) as seconds:
-                pixels = decoder(x0)
+            if args.decode_stream and device == "cuda":  # decode beside the context pass, on a second stream
+                side = settings.setdefault("decode_stream", torch.cuda.Stream())
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), decode_timer(device) as seconds:
+                    pixels = decoder(x0)
+                x0.record_stream(side)  # its memory is not handed out again before the decode has read it
+            else:
+                with decode_timer(device) as seconds:
+                    pixels = decoder(x0)
             if i + 1 < chunks or args.all_context_passes:  # queued behind the decode: the GPU never waits for us
                 run.begin_chunk(shape, device, dtype, write=True)
                 dm(x0, torch.zeros(1, device=device), context, transformer_options=options)
@@ -200,6 +207,8 @@ def main():
                              "25-32 FPS against 33-36 later on the H200)")
     parser.add_argument("--verify", action="store_true",
                         help="with chunkgraphs: compare the timed video's latents with the same video run without graphs")
+    parser.add_argument("--decode-stream", action="store_true",
+                        help="decode each chunk on a second CUDA stream, beside the next context pass")
     parser.add_argument("--all-context-passes", action="store_true",
                         help="run the last chunk's context pass too (no chunk reads it; rounds before 2026-12-01's fourth did)")
     parser.add_argument("--peak-tflops", type=float, default=750.0, help="bf16 dense peak used for the floor")
