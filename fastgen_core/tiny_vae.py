@@ -1,7 +1,7 @@
-"""A tiny streaming video decoder in the TAEHV layout: Wan 2.1 latents to frames in 1.1 ms a frame.
+"""A tiny streaming video decoder in the TAEHV layout: Wan 2.1 latents to frames in 0.87 ms a frame.
 
 The full Wan 2.1 VAE decodes at 20 ms a video frame on an H200, as long as the causal loop's
-transformer takes; this decoder at 1.1 ms (benchmarks/video_decoders.py, RESULTS.md). Real-time
+transformer takes; this decoder at 0.87 ms on channels-last tensors (benchmarks/video_decoders.py, RESULTS.md). Real-time
 world-model demos (Self-Forcing's among them) decode with a tiny autoencoder for that reason. This is our implementation of the decoder
 architecture of madebyollin's TAEHV family, so its published weights load as they are: `taew2_1`
 (Wan 2.1 / Wan 2.2 14B / Qwen-Image latents; 16 channels), and other base-variant files with their

@@ -73,10 +73,11 @@ def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
     return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
 
 
-# benchmarks/RESULTS.md, "In the causal video loop": the loop is bound by launching per-layer work
-QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory, not time (H200, Wan-1.3B at 480p: "
-                       "fp8 29-31 vs bf16 32-34 FPS with compile on and the tiny decoder; 13.8 vs 19.2 FPS with "
-                       "compile off, where each chunk launches ~1,500 quantized layer calls)")
+# benchmarks/RESULTS.md, "In the causal video loop" and the causal loop's fourth round
+QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop fp8 gains a little time only with compile and cuda_graphs on (H200, "
+                       "Wan-1.3B at 480p, tiny decoder: 39.2-40.1 vs 38.5-39.3 FPS); otherwise it saves memory, not time "
+                       "(compile alone: 29-31 vs 32-34 FPS; neither: 13.8 vs 19.2 FPS, each chunk launching ~1,500 "
+                       "quantized layer calls)")
 
 
 def quantize_wrappers(model) -> list:
@@ -148,7 +149,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                  "compile (Wan-1.3B, 480p, H200: 31-36 -> 39 FPS, first chunk 0.16 s). Needs a CUDA "
                                  "GPU and the model fully loaded in VRAM; otherwise it turns itself off and says why."),
                 TinyDecoder.Input("tiny_decoder", optional=True, tooltip="A tiny video decoder (FastGen Load Tiny Video "
-                                  "Decoder, taew2_1): streams the frames 18x faster than the VAE, slightly softer. "
+                                  "Decoder, taew2_1): streams the frames 23x faster than the VAE, slightly softer. "
                                   "Used instead of the VAE when both are connected."),
             ],
             outputs=[io.Latent.Output(), io.Image.Output(display_name="frames", tooltip="The video frames, decoded chunk by "
