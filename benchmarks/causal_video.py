@@ -207,6 +207,8 @@ def main():
                              "25-32 FPS against 33-36 later on the H200)")
     parser.add_argument("--verify", action="store_true",
                         help="with chunkgraphs: compare the timed video's latents with the same video run without graphs")
+    parser.add_argument("--no-fuse-gelu", action="store_true",
+                        help="compiled blocks without the FFN's Linear + GELU fused into one GEMM (the earlier rounds)")
     parser.add_argument("--decode-stream", action="store_true",
                         help="decode each chunk on a second CUDA stream, beside the next context pass")
     parser.add_argument("--all-context-passes", action="store_true",
@@ -218,6 +220,7 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ops, WanModel, WanVAE = load_host(args.comfyui, cpu=device == "cpu")
     wan_causal, wan_vae_stream = load_adapters()
+    wan_causal.FUSE_LINEAR_GELU = not args.no_fuse_gelu
     if args.small:
         args.width, args.height, args.frames, args.chunk = 64, 32, 4, 2
         size = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
@@ -262,16 +265,23 @@ def main():
             first, total, transformer, decode, frames, cache = rollout(
                 dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, settings)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            timed = settings["latents"]
             if settings["compile"]:
-                print(f"[{variant}] after the timed video: {compile_counts()}")
+                print(f"[{variant}] after the timed video: {compile_counts()}; {wan_causal.linear_gelu_pass().fused} Linear+GELU fused")
             if args.verify and settings.get("graphs") is not None:
-                graphed, graphs = settings["latents"], settings.pop("graphs")
+                graphed, graphs = timed, settings.pop("graphs")
                 settings.pop("cache")
                 rollout(dm, new_decoder(settings), wan_causal, context, args, device, dtype, chunks, settings)
                 difference = max(float((a - b).abs().max()) for a, b in zip(graphed, settings["latents"], strict=True))
                 scale = max(float(b.abs().max()) for b in settings["latents"])
                 print(f"[{variant}] verify: the graphed video's latents vs the same video without graphs: max |difference| "
                       f"{difference:.3e} (latents up to {scale:.2f}); {graphs.report()}")
+            if args.verify and settings["compile"]:
+                eager = {"compile": False, "decoder": settings["decoder"]}
+                rollout(dm, new_decoder(eager), wan_causal, context, args, device, dtype, chunks, eager)
+                errors = [float((a - b).norm() / b.norm()) for a, b in zip(timed, eager["latents"], strict=True)]
+                print(f"[{variant}] verify: the timed video's latents vs the eager blocks' (no compile, no graphs), relative "
+                      f"L2 per chunk: {' '.join(f'{e:.1e}' for e in errors)}")
             if args.profile and device == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 

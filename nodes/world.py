@@ -74,10 +74,9 @@ def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
 
 
 # benchmarks/RESULTS.md, "In the causal video loop" and the causal loop's fourth round
-QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop fp8 gains a little time only with compile and cuda_graphs on (H200, "
-                       "Wan-1.3B at 480p, tiny decoder: 39.2-40.1 vs 38.5-39.3 FPS); otherwise it saves memory, not time "
-                       "(compile alone: 29-31 vs 32-34 FPS; neither: 13.8 vs 19.2 FPS, each chunk launching ~1,500 "
-                       "quantized layer calls)")
+QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory, not time (H200, Wan-1.3B at 480p, tiny "
+                       "decoder: fp8 39.2-40.1 vs bf16 40.2-40.3 FPS with compile and cuda_graphs on; 29-31 vs 32-34 with "
+                       "compile alone; 13.8 vs 19.2 with neither, each chunk launching ~1,500 quantized layer calls)")
 
 
 def quantize_wrappers(model) -> list:
@@ -139,14 +138,15 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                              "latent) and previewed. Without it, 'frames' shows the latent's preview colours."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the Wan blocks (attention stays eager, so the cache never "
-                                 "recompiles them). The first run compiles (about 20 s on an H200, seconds once "
-                                 "inductor's cache has it); then the transformer runs faster (Wan-1.3B, 480p, H200: "
-                                 "31.6 -> 33-37 FPS over six runs). Off: exactly the host's eager blocks."),
+                                 "recompiles them; on a GPU each FFN's bias and GELU go into its first GEMM). The first "
+                                 "run compiles (about 20 s on an H200, seconds once inductor's cache has it); then the "
+                                 "transformer runs faster (Wan-1.3B, 480p, H200: 31.6 -> 33-37 FPS over six runs). Off: "
+                                 "exactly the host's eager blocks."),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
                                  tooltip="Replay the 30 Wan blocks of each forward as one CUDA graph per cache length "
                                  "(captured on a chunk's second forward, replayed for the rest): the CPU no longer "
                                  "launches thousands of kernels a step. Same frames (bit for bit in our tests). Best with "
-                                 "compile (Wan-1.3B, 480p, H200: 31-36 -> 39 FPS, first chunk 0.16 s). Needs a CUDA "
+                                 "compile (Wan-1.3B, 480p, tiny decoder, H200: 32-36 -> 40 FPS, first chunk 0.15 s). Needs a CUDA "
                                  "GPU and the model fully loaded in VRAM; otherwise it turns itself off and says why."),
                 TinyDecoder.Input("tiny_decoder", optional=True, tooltip="A tiny video decoder (FastGen Load Tiny Video "
                                   "Decoder, taew2_1): streams the frames 23x faster than the VAE, slightly softer. "

@@ -250,7 +250,7 @@ def causal_video() -> Graph:
 def causal_video_fast() -> Graph:
     """The same student at interactive speed: the blocks compiled (torch.compile) and replayed as CUDA
     graphs, each chunk's frames streamed by the tiny video decoder (taew2_1 in models/vae_approx)
-    straight to the WEBP: 39 FPS and 0.16 s to the first chunk for 81 frames at 832x480 on an H200
+    straight to the WEBP: 40 FPS and 0.15 s to the first chunk for 81 frames at 832x480 on an H200
     (the benchmark's loop; the first run also compiles and captures)."""
     g = Graph()
     model, text, latent = self_forcing_inputs(g)

@@ -14,7 +14,7 @@ causally trained Wan 2.1 checkpoint (Self-Forcing, CausVid) is an ordinary Wan s
 with the stock Load Diffusion Model node.
 
 With `WanCausalRun(..., compile=True)` each block runs through `torch.compile` (inductor fuses its
-RoPE, norms, modulation and gating) while the attention override stays eager: it is
+RoPE, norms, modulation and gating; on CUDA the FFN's bias and GELU go into its first GEMM) while the attention override stays eager: it is
 `torch.compiler.disable`d, so dynamo breaks the graph there and the KV cache stays plain Python. The
 compiled function is a trampoline that is handed the host's own block call: dynamo guards on code and
 shapes, not on which block, so one set of graphs serves every block and every cache length (the cache
@@ -42,6 +42,7 @@ from ...fastgen_core.graphs import ForwardGraphs
 from ...fastgen_core.world import KVCache
 
 RUN_KEY = "fastgen_causal_run"
+FUSE_LINEAR_GELU = True  # in the compiled blocks, the FFN's Linear + tanh-GELU as one GEMM (CUDA only)
 log = logging.getLogger("fastgen")
 
 
@@ -191,8 +192,20 @@ def _call_block(original_block, args):
 def _compiled_block(mode: str | None = None):
     """One compiled `_call_block` per torch.compile mode for the process, made on first use
     (torch.compile's imports are slow). The 30 blocks share its graphs; a new latent size compiles
-    once more. `mode` "reduce-overhead" also replays the compiled pieces as CUDA graphs."""
+    once more. `mode` "reduce-overhead" also replays the compiled pieces as CUDA graphs. The default
+    mode also fuses each FFN's Linear + GELU (`linear_gelu_pass`; torch.compile takes options or a
+    mode, not both)."""
+    if mode is None and FUSE_LINEAR_GELU:
+        return torch.compile(_call_block, options={"pre_grad_custom_pass": linear_gelu_pass()})
     return torch.compile(_call_block, mode=mode)
+
+
+@functools.cache
+def linear_gelu_pass():
+    """The process's FuseLinearGelu pass (imported on first use: torch._inductor takes ~1.5 s to import)."""
+    from ...fastgen_core.fx_passes import FuseLinearGelu
+
+    return FuseLinearGelu()
 
 
 @torch.compiler.disable  # eager inside a compiled block: the cache is Python state, not graph input
