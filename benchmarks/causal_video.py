@@ -88,9 +88,14 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, setti
     the earlier rounds did). The loop waits for each chunk's decode only (the frames are out: the
     first chunk's latency ends there) while the context pass queued behind it runs; earlier rounds
     synchronized after the context pass and after the decode."""
+    if args.fresh_graphs and settings.get("graphs") is not None:  # as the node runs: new cache, new graphs
+        from fastgen_core.graphs import ForwardGraphs
+
+        settings["graphs"], settings["cache"] = ForwardGraphs(), world.KVCache(token_dim=1)
     cache = settings.setdefault("cache", world.KVCache(token_dim=1))
     cache.reset(keep_buffers=True)  # same buffers every video: graphs captured over them stay valid
     run = wan_causal.WanCausalRun(dm, cache, compile=settings["compile"], graphs=settings.get("graphs"))
+    run.reserve((1, 16, args.frames, args.height // 8, args.width // 8))  # buffers allocated once
     options = {"patches_replace": {"dit": {("double_block", i): wan_causal._block_patch(i) for i in range(len(dm.blocks))}},
                "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
     shift = 5.0
@@ -209,6 +214,9 @@ def main():
                         help="with chunkgraphs: compare the timed video's latents with the same video run without graphs")
     parser.add_argument("--no-fuse-gelu", action="store_true",
                         help="compiled blocks without the FFN's Linear + GELU fused into one GEMM (the earlier rounds)")
+    parser.add_argument("--fresh-graphs", action="store_true",
+                        help="with chunkgraphs: new graphs and cache for every video, captured as it runs (what the node does "
+                             "each run), instead of graphs kept from the warm-up videos")
     parser.add_argument("--decode-stream", action="store_true",
                         help="decode each chunk on a second CUDA stream, beside the next context pass")
     parser.add_argument("--all-context-passes", action="store_true",

@@ -117,12 +117,19 @@ class KVCache:
         if not keep_buffers or not hasattr(self, "_keys"):
             self._keys: list[torch.Tensor] = []  # per layer: the buffer, tokens along token_dim
             self._values: list[torch.Tensor] = []
+            self.reserved_tokens = self.reserved_tokens_per_frame = 0  # what `reserve` asked for
         self.tokens = 0  # tokens held per layer
         self.tokens_per_frame = 0
         self.frames = 0  # frames held now
         self.frames_seen = 0  # frames appended in total
         self.evicted = 0
         self.positions: torch.Tensor | None = None  # [B, N, P] per-token positions, for models that give them
+
+    def reserve(self, frames: int, tokens_per_frame: int):
+        """Room for `frames` frames (the whole video, or more than the window ever holds) in every
+        buffer from its first allocation on: no regrowth and no copy while the video runs, and the
+        buffers keep their addresses (what CUDA graphs captured over them need)."""
+        self.reserved_tokens, self.reserved_tokens_per_frame = frames * tokens_per_frame, tokens_per_frame
 
     def slots(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the `tokens` slots right after the held frames of a layer: where `attend`
@@ -173,11 +180,13 @@ class KVCache:
 
     def _capacity(self, needed: int, current: int) -> int:
         """Token slots for a buffer that must hold `needed`: double what it had (fewer regrowths
-        while the window fills), but never more than sink + window + the chunk being written."""
-        doubled = max(needed, 2 * current)
-        if self.window_frames is None or not self.tokens_per_frame:
+        while the window fills) or what `reserve` asked for, but never more than sink + window + the
+        chunk being written."""
+        doubled = max(needed, 2 * current, self.reserved_tokens)
+        tokens_per_frame = self.tokens_per_frame or self.reserved_tokens_per_frame
+        if self.window_frames is None or not tokens_per_frame:
             return doubled
-        bound = (self.sink_frames + self.window_frames) * self.tokens_per_frame + needed - self.tokens
+        bound = (self.sink_frames + self.window_frames) * tokens_per_frame + needed - self.tokens
         return max(needed, min(doubled, bound))
 
     def _evict(self, drop: int):

@@ -184,6 +184,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         cache = KVCache(sink_frames=sink_frames, window_frames=window_frames or None, token_dim=1)
         graphs = ForwardGraphs() if cuda_graphs else None
         run = WanCausalRun(model.get_model_object("diffusion_model"), cache, compile=compile, graphs=graphs)
+        run.reserve(samples.shape)
         causal = make_causal(model, run)
         sampler = recipe_sampler(sampler_name, recipe)
         device = comfy.model_management.get_torch_device()

@@ -290,3 +290,22 @@ def test_chunk_schedule_follows_the_recipe():
     teacher = Recipe(family="fastgen-game", prediction="flow", steps=4, sampler="multistep_ode", shift=1.0)
     assert world.ChunkSchedule.for_recipe(teacher).later == world.ChunkSchedule.few_step(4).later
     assert world.ChunkSchedule.for_recipe(None).later == world.ChunkSchedule.few_step(4).later
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_reserved_cache_allocates_its_buffers_once(window):
+    """reserve(frames, tokens per frame): every buffer is allocated at its final size on the first
+    write (the whole video, or sink + window + a chunk when a window bounds it) and never moves."""
+    cache = world.KVCache(sink_frames=2, window_frames=window, token_dim=1)
+    chunk, tokens, frames = 2, 3, 12
+    cache.reserve(frames, tokens)
+    layouts = []
+    for _ in range(frames // chunk):
+        k = torch.randn(1, chunk * tokens, 4)
+        keys, values = cache.attend(0, k, k + 1)
+        assert torch.equal(keys[:, -chunk * tokens:], k)
+        cache.append([cache.slots(0, chunk * tokens)], chunk)
+        layouts.append((cache.allocated_bytes(), cache.layout()[1]))
+    assert layouts == [layouts[0]] * len(layouts), "a buffer grew or moved"
+    slots = frames if window is None else 2 + window + chunk
+    assert cache.allocated_bytes() == 2 * slots * tokens * 4 * 4  # keys + values, float32

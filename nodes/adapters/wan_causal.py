@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -77,6 +78,13 @@ class WanCausalRun:
 
     def __deepcopy__(self, memo):
         return self
+
+    def reserve(self, latent_shape):
+        """Room in the cache for a whole video latent [B, C, T, H, W] (bounded by its window): its
+        buffers are allocated once, so a cache length keeps one CUDA graph."""
+        _, _, frames, h, w = latent_shape
+        pt, ph, pw = self.diffusion_model.patch_size
+        self.cache.reserve(math.ceil(frames / pt), math.ceil(h / ph) * math.ceil(w / pw))
 
     def begin_chunk(self, latent_shape, device, dtype, write: bool = False, first_frame: int | None = None):
         """Before a forward over one chunk of latent frames [B, C, F, H, W]."""
