@@ -49,6 +49,8 @@ class ForwardGraphs:
         self.pool = None
         self.failure: str | None = None
         self.captures = self.replays = self.eager_calls = 0
+        self.check_next = False  # compare the next replay with an eager forward (`verify_next`)
+        self.dropped: str | None = None  # why graphs kept from before were dropped
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +82,28 @@ class ForwardGraphs:
                 static.copy_(tensor)
         captured.graph.replay()
         self.replays += 1
+        if self.check_next:
+            return self._checked(captured.output.clone(), forward, inputs)
         return captured.output.clone()
+
+    def verify_next(self):
+        """Check the next replay against an eager forward of the same inputs; if they differ, drop
+        every graph (they were captured over something that has changed since: weights moved,
+        another patch) and capture afresh. For graphs kept from an earlier run."""
+        self.check_next = bool(self.graphs)
+
+    def _checked(self, replayed: torch.Tensor, forward, inputs) -> torch.Tensor:
+        self.check_next = False
+        self.eager_calls += 1
+        eager = forward(inputs)
+        difference = float((replayed.float() - eager.float()).abs().max())
+        scale = float(eager.float().abs().max()) or 1.0
+        if not difference <= 1e-3 * scale:  # (also NaN) replays repeat the eager kernels: equal in practice
+            self.dropped = f"a kept graph's output differed from the eager forward's by {difference:.3g}: recaptured"
+            log.warning("FastGen: %s", self.dropped)
+            self.graphs.clear()
+            self.seen.clear()
+        return eager
 
     def _capture(self, key, forward, inputs) -> _Captured | None:
         static = {name: tensor.clone() for name, tensor in inputs.items()}
@@ -107,7 +130,8 @@ class ForwardGraphs:
     def report(self) -> str:
         if self.failure is not None:
             return f"CUDA graphs off: {self.failure}"
-        return f"CUDA graphs: {self.captures} captured, {self.replays} replays, {self.eager_calls} eager calls"
+        text = f"CUDA graphs: {self.captures} captured, {self.replays} replays, {self.eager_calls} eager calls"
+        return text + (f" ({self.dropped})" if self.dropped else "")
 
     def release(self):
         """Drop the graphs and their memory pool."""

@@ -108,6 +108,38 @@ def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
     run.end_chunk(x.shape[2])
 
 
+GRAPH_MODES = ("off", "this run", "kept")
+_kept: dict = {}  # at most one entry: what the kept cache and graphs were made for -> (KVCache, ForwardGraphs)
+
+
+def cache_and_graphs(mode: str, model, latent_shape, chunk_frames: int, sink_frames: int, window_frames: int, compile):
+    """The run's KV cache and CUDA graphs (None when off). "kept": the cache's buffers and the graphs
+    captured over them outlive the run, for the next run made with the same model (its weights at
+    the same addresses, the same patches and wrappers), latent shape and cache settings; any other
+    run drops them. The first replay of a kept run is checked against an eager forward."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}; got {mode!r}")
+
+    def new_cache():
+        return KVCache(sink_frames=sink_frames, window_frames=window_frames or None, token_dim=1)
+
+    if mode != "kept":
+        _kept.clear()  # frees the VRAM a kept run held
+        return new_cache(), (ForwardGraphs() if mode == "this run" else None)
+    diffusion_model = model.get_model_object("diffusion_model")
+    wrappers = tuple((kind, key, tuple(map(id, fns))) for kind, by_key in sorted(model.wrappers.items())
+                     for key, fns in sorted(by_key.items()))
+    made_for = (id(diffusion_model), tuple(p.data_ptr() for p in diffusion_model.parameters()), model.patches_uuid,
+                wrappers, tuple(latent_shape), chunk_frames, sink_frames, window_frames, bool(compile))
+    if made_for not in _kept:
+        _kept.clear()
+        _kept[made_for] = (new_cache(), ForwardGraphs())
+    cache, graphs = _kept[made_for]
+    cache.reset(keep_buffers=True)
+    graphs.verify_next()
+    return cache, graphs
+
+
 class FastGenCausalVideoSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -142,12 +174,16 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                  "run compiles (about 20 s on an H200, seconds once inductor's cache has it); then the "
                                  "transformer runs faster (Wan-1.3B, 480p, H200: 31.6 -> 33-37 FPS over six runs). Off: "
                                  "exactly the host's eager blocks."),
-                io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                                 tooltip="Replay the 30 Wan blocks of each forward as one CUDA graph per cache length "
-                                 "(captured on a chunk's second forward, replayed for the rest): the CPU no longer "
-                                 "launches thousands of kernels a step. Same frames (bit for bit in our tests). Best with "
-                                 "compile (Wan-1.3B, 480p, tiny decoder, H200: 32-36 -> 40 FPS, first chunk 0.15 s). Needs a CUDA "
-                                 "GPU and the model fully loaded in VRAM; otherwise it turns itself off and says why."),
+                io.Combo.Input("cuda_graphs", options=list(GRAPH_MODES), default="off", optional=True,
+                               tooltip="Replay the 30 Wan blocks of each forward as one CUDA graph per cache length: "
+                               "the CPU stops launching thousands of kernels a step. Same frames (bit for bit in our "
+                               "GPU check). 'this run': captured as the run goes (a chunk's second forward) and dropped "
+                               "after it; pays for long videos with a window (one graph once the window is full), costs "
+                               "time on a short full-context video (H200, 81 frames: 29 FPS vs 32-36 without). 'kept': "
+                               "the graphs and the cache's buffers stay in VRAM for the next run with the same model, "
+                               "latent size and cache settings, which then captures nothing (with compile: 40 FPS, "
+                               "first chunk 0.15 s); checked against an eager forward at the start of each run. Needs a "
+                               "CUDA GPU with the model fully in VRAM; otherwise it turns itself off and says why."),
                 TinyDecoder.Input("tiny_decoder", optional=True, tooltip="A tiny video decoder (FastGen Load Tiny Video "
                                   "Decoder, taew2_1): streams the frames 23x faster than the VAE, slightly softer. "
                                   "Used instead of the VAE when both are connected."),
@@ -159,7 +195,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, chunk_frames, steps, first_chunk_steps, window_frames, sink_frames,
-                seed, vae=None, tiny_decoder=None, compile=False, cuda_graphs=False) -> io.NodeOutput:
+                seed, vae=None, tiny_decoder=None, compile=False, cuda_graphs="off") -> io.NodeOutput:
         if model_recipe(model) is None and steps == 0:
             raise ValueError("This MODEL carries no recipe: set steps (a causal student's own count, e.g. 4)")
         # without a recipe: DMD-style multistep sampling at cfg 1, as causal students are trained
@@ -181,8 +217,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         chunks = math.ceil(total / chunk_frames)
         noise = comfy.sample.prepare_noise(samples, seed)
 
-        cache = KVCache(sink_frames=sink_frames, window_frames=window_frames or None, token_dim=1)
-        graphs = ForwardGraphs() if cuda_graphs else None
+        cache, graphs = cache_and_graphs(cuda_graphs, model, samples.shape, chunk_frames, sink_frames, window_frames, compile)
         run = WanCausalRun(model.get_model_object("diffusion_model"), cache, compile=compile, graphs=graphs)
         run.reserve(samples.shape)
         causal = make_causal(model, run)
@@ -224,6 +259,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             messages.append("blocks compiled by torch.compile" if run.compile else
                             "compile: torch.compile failed here, the blocks ran eagerly (the log says why)")
         if graphs is not None:
-            messages.append(graphs.report())
-            graphs.release()  # the graphs were made over this run's cache buffers
+            messages.append(graphs.report() + (" (kept in VRAM for the next run)" if cuda_graphs == "kept" and graphs.enabled
+                                               else ""))
+            if cuda_graphs != "kept":
+                graphs.release()  # the graphs were made over this run's cache buffers
         return io.NodeOutput(result, video, ui=ui.PreviewText("\n".join([text, *messages])))

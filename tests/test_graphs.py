@@ -110,3 +110,20 @@ def test_the_cache_layout_names_its_length_and_buffers_and_survives_a_reset_that
     assert cache.tokens == 0 and cache.layout()[1] == layout[1]
     cache.reset()
     assert cache.layout() == (0, ())
+
+
+def test_a_kept_graph_is_checked_once_against_eager_and_recaptured_when_stale(fake_cuda):
+    graphs, scale = ForwardGraphs(), {"w": 2.0}
+    forward = lambda inputs: inputs["x"] * scale["w"]  # noqa: E731
+    x = torch.ones(3)
+    for _ in range(3):  # eager, capture, replay
+        graphs("k", forward, {"x": x})
+    graphs.verify_next()
+    assert torch.equal(graphs("k", forward, {"x": x}), x * 2) and graphs.graphs and graphs.dropped is None
+    assert not graphs.check_next  # checked once, then plain replays
+    scale["w"] = 5.0  # what the graph was captured over has changed (the fake graph keeps the old output)
+    graphs.verify_next()
+    assert torch.equal(graphs("k", forward, {"x": x}), x * 5), "the stale replay was returned"
+    assert not graphs.graphs and "recaptured" in graphs.dropped and "recaptured" in graphs.report()
+    graphs("k", forward, {"x": x})  # first sight again: eager, then capture
+    assert torch.equal(graphs("k", forward, {"x": x}), x * 5) and graphs.captures == 2

@@ -47,15 +47,23 @@ def test_compiled_blocks_give_the_eager_video(comfy):
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), (compiled - eager).abs().max()
 
 
-def test_cuda_graphs_on_a_cpu_turn_themselves_off_and_say_why(comfy):
+@pytest.mark.parametrize("mode", ["this run", "kept"])
+def test_cuda_graphs_on_a_cpu_turn_themselves_off_and_say_why(comfy, mode):
     """cuda_graphs on the CPU host: the run is the plain run bit for bit, and the node says why the
     graphs are off (on a GPU: benchmarks/causal_video.py --variants compile+chunkgraphs+tiny --verify)."""
     plain, _ = run_latent(comfy, causal_graph(latent_frames=6))
     prompt = causal_graph(latent_frames=6)
-    prompt["s"]["inputs"]["cuda_graphs"] = True
+    prompt["s"]["inputs"]["cuda_graphs"] = mode
     graphed, entry = run_latent(comfy, prompt)
     assert "CUDA graphs off: CUDA graphs need CUDA tensors" in node_text(entry, "s"), node_text(entry, "s")
     assert torch.equal(graphed, plain)
+
+
+def test_kept_graphs_serve_only_runs_made_the_same_way(comfy):
+    prompt = graph(unet("tiny_wan.safetensors"), ["m", 0], family=WAN)
+    prompt = {"m": prompt["m"], "k": {"class_type": "FastGenTestKeptGraphs", "inputs": {"model": ["m", 0]}}}
+    text = node_text(comfy.run_prompt(prompt), "k")
+    assert "=no" not in text and text.count("=yes") == 9, text
 
 
 def test_a_quantized_model_runs_the_loop_and_the_node_says_what_it_costs(comfy):

@@ -129,5 +129,44 @@ class FastGenTestContextPass:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
+class FastGenTestKeptGraphs:
+    """The Causal Video Sampler's kept cache and graphs (cuda_graphs "kept"): which runs reuse them."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    def run(self, model):
+        world_nodes = _pack_module(".nodes.world")
+        shape = (1, 16, 6, 4, 4)
+        get = lambda mode="kept", m=model, shape=shape, chunk=2, compile=False: world_nodes.cache_and_graphs(  # noqa: E731
+            mode, m, shape, chunk, 2, 0, compile)
+        first = get()
+        checks = {
+            "same settings reuse": get()[0] is first[0] and get()[1] is first[1],
+            "the graphs are checked again": get()[1].check_next == bool(first[1].graphs),
+            "other chunk size": get(chunk=3)[0] is not first[0],
+            "back to the first settings": get()[0] is not first[0],
+        }
+        second = get()
+        patched = model.clone()
+        patched.add_patches({"diffusion_model.blocks.0.ffn.0.weight": (torch.zeros(1),)}, 0.5)
+        checks["patched weights"] = get(m=patched)[0] is not second[0]
+        third = get()
+        checks["compile on"] = get(compile=True)[0] is not third[0]
+        get()
+        checks["this run: fresh"] = get("this run")[0] is not get("this run")[0]
+        checks["this run drops the kept"] = not world_nodes._kept
+        get()
+        checks["off drops the kept"] = get("off")[1] is None and not world_nodes._kept
+        text = " ".join(f"{name}={'yes' if ok else 'no'}" for name, ok in checks.items())
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
 NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning, "FastGenTestCausalExactness": FastGenTestCausalExactness,
-                       "FastGenTestContextPass": FastGenTestContextPass}
+                       "FastGenTestContextPass": FastGenTestContextPass, "FastGenTestKeptGraphs": FastGenTestKeptGraphs}
