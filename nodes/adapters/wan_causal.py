@@ -14,7 +14,8 @@ causally trained Wan 2.1 checkpoint (Self-Forcing, CausVid) is an ordinary Wan s
 with the stock Load Diffusion Model node.
 
 With `WanCausalRun(..., compile=True)` each block runs through `torch.compile` (inductor fuses its
-RoPE, norms, modulation and gating; on CUDA the FFN's bias and GELU go into its first GEMM) while the attention override stays eager: it is
+RoPE, norms, modulation and gating; on CUDA the FFN's bias and GELU go into its first GEMM,
+`fastgen_core.fx_passes`) while the attention override stays eager: it is
 `torch.compiler.disable`d, so dynamo breaks the graph there and the KV cache stays plain Python. The
 compiled function is a trampoline that is handed the host's own block call: dynamo guards on code and
 shapes, not on which block, so one set of graphs serves every block and every cache length (the cache
@@ -73,8 +74,8 @@ class WanCausalRun:
         self.blocks_done = False  # the graphed stack ran every block: the later patches pass its output on
         if graphs is not None and (type(diffusion_model).__name__ != "WanModel"
                                    or getattr(diffusion_model, "img_emb", None) is not None):
-            graphs.failure = f"CUDA graphs of the blocks are made for the text-to-video WanModel, not {type(diffusion_model).__name__}" + \
-                (" with image inputs" if getattr(diffusion_model, "img_emb", None) is not None else "")
+            kind = type(diffusion_model).__name__ + (" with image inputs" if getattr(diffusion_model, "img_emb", None) is not None else "")
+            graphs.failure = f"CUDA graphs of the blocks are made for the text-to-video WanModel, not {kind}"
 
     def __deepcopy__(self, memo):
         return self

@@ -121,3 +121,21 @@ def test_quantized_layers_run_inside_the_compiled_blocks(host_wan):
     quantization = max(float((a - b).norm() / b.norm()) for a, b in zip(eager, plain, strict=True))
     assert quantization > 1e-5 and error < quantization / 100, (error, quantization)
     assert {name: (set(m.__dict__), dict(m._buffers)) for name, m in model.named_modules()} == before  # restored exactly
+
+
+def test_cuda_graphs_are_refused_for_wan_variants_whose_blocks_take_more(host_wan):
+    """The graphed stack calls the blocks as the text-to-video WanModel's forward does; a model with
+    image inputs (or another class) keeps its own block calls, and the graphs say why they are off."""
+    model, wan_causal, world = host_wan
+    from fastgen_core.graphs import ForwardGraphs
+
+    plain = ForwardGraphs()
+    wan_causal.WanCausalRun(model, world.KVCache(token_dim=1), graphs=plain)
+    assert plain.enabled
+    model.img_emb = torch.nn.Identity()
+    try:
+        refused = ForwardGraphs()
+        wan_causal.WanCausalRun(model, world.KVCache(token_dim=1), graphs=refused)
+    finally:
+        model.img_emb = None
+    assert not refused.enabled and refused.report().endswith("not WanModel with image inputs")
