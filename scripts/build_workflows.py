@@ -218,12 +218,16 @@ def self_forcing_inputs(g: Graph) -> tuple[int, int, int]:
     return shift, text, latent
 
 
-def causal_sampler(g: Graph, compile: bool, cuda_graphs: str = "off", extra_inputs=(), size=(360, 420)) -> int:
-    """FastGen Causal Video Sampler: 7 chunks of 3 latent frames (81 video frames), 4 steps each,
-    every earlier frame kept, seed 42."""
+def causal_sampler(g: Graph, sources: tuple[int, int, int], compile: bool, cuda_graphs: str = "off", extra_inputs=(),
+                   size=(360, 420)) -> int:
+    """FastGen Causal Video Sampler fed by `sources` = self_forcing_inputs(g): 7 chunks of 3 latent
+    frames (81 video frames), 4 steps each, every earlier frame kept, seed 42."""
     inputs = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), *extra_inputs]
-    return g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", compile, cuda_graphs], inputs=inputs,
-                  outputs=[("LATENT", "LATENT"), ("frames", "IMAGE")], pos=(860, 60), size=size)
+    sampler = g.node("FastGenCausalVideoSampler", [3, 4, 0, 0, 3, 42, "fixed", compile, cuda_graphs], inputs=inputs,
+                     outputs=[("LATENT", "LATENT"), ("frames", "IMAGE")], pos=(860, 60), size=size)
+    for source, name in zip(sources, ("model", "positive", "latent"), strict=True):
+        g.link(source, 0, sampler, name)
+    return sampler
 
 
 def causal_video() -> Graph:
@@ -231,16 +235,12 @@ def causal_video() -> Graph:
     dict) -> ModelSamplingSD3 shift 5 (its schedule) -> FastGen Causal Video Sampler -> VAE Decode
     -> WEBP."""
     g = Graph()
-    model, text, latent = self_forcing_inputs(g)
-    sampler = causal_sampler(g, compile=False)
+    sampler = causal_sampler(g, self_forcing_inputs(g), compile=False)
     vae = g.node("VAELoader", [WAN_VAE], outputs=[("VAE", "VAE")], pos=(1260, 60), size=(300, 60))
     decode = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
                     pos=(1260, 170), size=(200, 50))
     save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
                   pos=(1260, 270), size=(420, 360))
-    g.link(model, 0, sampler, "model")
-    g.link(text, 0, sampler, "positive")
-    g.link(latent, 0, sampler, "latent")
     g.link(sampler, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
     g.link(decode, 0, save, "images")
@@ -253,16 +253,13 @@ def causal_video_fast() -> Graph:
     models/vae_approx) straight to the WEBP: 40 FPS and 0.15 s to the first chunk for 81 frames at
     832x480 on an H200 (the benchmark's loop) from the second run on; the first compiles and captures."""
     g = Graph()
-    model, text, latent = self_forcing_inputs(g)
+    sources = self_forcing_inputs(g)
     tiny = g.node("FastGenLoadTinyVideoDecoder", ["taew2_1.safetensors"], outputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
                   pos=(440, 540), size=(380, 60))
-    sampler = causal_sampler(g, compile=True, cuda_graphs="kept", extra_inputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
+    sampler = causal_sampler(g, sources, compile=True, cuda_graphs="kept", extra_inputs=[("tiny_decoder", "FASTGEN_TINY_DECODER")],
                              size=(360, 480))
     save = g.node("SaveAnimatedWEBP", ["fastgen/causal_video_fast", 16.0, False, 90, "default"], inputs=[("images", "IMAGE")],
                   pos=(1260, 60), size=(420, 360))
-    g.link(model, 0, sampler, "model")
-    g.link(text, 0, sampler, "positive")
-    g.link(latent, 0, sampler, "latent")
     g.link(tiny, 0, sampler, "tiny_decoder")
     g.link(sampler, 1, save, "images")
     return g
