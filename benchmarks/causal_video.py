@@ -118,15 +118,14 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, setti
                 x0 = x - s * v
                 x = (1 - s_next) * x0 + s_next * torch.randn(shape, generator=gen, device=device, dtype=dtype)
             settings["latents"].append(x0.float())
+            side = None
             if args.decode_stream and device == "cuda":  # decode beside the context pass, on a second stream
                 side = settings.setdefault("decode_stream", torch.cuda.Stream())
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), decode_timer(device) as seconds:
-                    pixels = decoder(x0)
+            with torch.cuda.stream(side) if side else contextlib.nullcontext(), decode_timer(device) as seconds:
+                pixels = decoder(x0)
+            if side:
                 x0.record_stream(side)  # its memory is not handed out again before the decode has read it
-            else:
-                with decode_timer(device) as seconds:
-                    pixels = decoder(x0)
             if i + 1 < chunks or args.all_context_passes:  # queued behind the decode: the GPU never waits for us
                 run.begin_chunk(shape, device, dtype, write=True)
                 dm(x0, torch.zeros(1, device=device), context, transformer_options=options)
@@ -211,7 +210,8 @@ def main():
                         help="whole untimed videos after the 2-chunk warm-up (the first video after a cold compile ran "
                              "25-32 FPS against 33-36 later on the H200)")
     parser.add_argument("--verify", action="store_true",
-                        help="with chunkgraphs: compare the timed video's latents with the same video run without graphs")
+                        help="compare the timed video's latents with the same video without graphs (chunkgraphs) and with "
+                             "the eager blocks (compile)")
     parser.add_argument("--no-fuse-gelu", action="store_true",
                         help="compiled blocks without the FFN's Linear + GELU fused into one GEMM (the earlier rounds)")
     parser.add_argument("--fresh-graphs", action="store_true",
