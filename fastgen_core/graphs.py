@@ -82,9 +82,8 @@ class ForwardGraphs:
                 static.copy_(tensor)
         captured.graph.replay()
         self.replays += 1
-        if self.check_next:
-            return self._checked(captured.output.clone(), forward, inputs)
-        return captured.output.clone()
+        output = captured.output.clone()
+        return self._checked(output, forward, inputs) if self.check_next else output
 
     def verify_next(self):
         """Check the next replay against an eager forward of the same inputs; if they differ, drop

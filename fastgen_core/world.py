@@ -38,8 +38,8 @@ class KVCache:
     first slots. `attend(layer, k, v)` writes a chunk's keys and values right after them and
     returns views over both, so attention needs no concatenation; `append` of keys already written
     there only moves the end. A buffer holds sink + window + one chunk once the window is full (it
-    grows by doubling until then, and for ever when unbounded), so a long video allocates nothing
-    more and eviction is one move of the window part per chunk. The cache keeps no autograd
+    grows by doubling until then, and for ever when unbounded; `reserve` sizes it once up front),
+    so a long video allocates nothing more and eviction is one move of the window part per chunk. The cache keeps no autograd
     history: cached forwards run under `torch.no_grad()`.
     """
 
@@ -151,13 +151,13 @@ class KVCache:
         if t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("KVCache keeps no autograd history: run cached forwards under torch.no_grad()")
         size = t.shape[self.token_dim]
-        buffer = self._reserve(buffers, layer, t, self.tokens + size)
+        buffer = self._buffer(buffers, layer, t, self.tokens + size)
         slot = buffer.narrow(self.token_dim, self.tokens, size)
         if not _same_view(slot, t):
             slot.copy_(t)
         return buffer
 
-    def _reserve(self, buffers: list[torch.Tensor], layer: int, like: torch.Tensor, needed: int) -> torch.Tensor:
+    def _buffer(self, buffers: list[torch.Tensor], layer: int, like: torch.Tensor, needed: int) -> torch.Tensor:
         """buffers[layer], grown (held tokens kept) when it has fewer than `needed` token slots or
         does not match `like` (a new layer, dtype, device or shape)."""
         if layer > len(buffers):
