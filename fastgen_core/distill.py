@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors.torch import save_file
 from torch import nn
@@ -57,7 +58,12 @@ class LoRAAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)  # starts as the teacher
 
     def forward(self, x):
-        return self.up(self.down(x)) * (self.alpha / self.rank)
+        # The adapter's weights stay fp32 (the optimizer's master copy) while the host computes in
+        # fp16 / bf16 on a GPU: run it in the activations' dtype as autocast would, but in fp32 for
+        # fp16 activations, whose range would underflow small LoRA gradients.
+        compute = torch.float32 if x.dtype == torch.float16 else x.dtype
+        h = F.linear(x.to(compute), self.down.weight.to(compute))
+        return (F.linear(h, self.up.weight.to(compute)) * (self.alpha / self.rank)).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The change to the patched weight, (alpha / rank) * up @ down (what merging adds)."""
@@ -201,7 +207,8 @@ def attach_discriminator(net: nn.Module, switch: AdapterSwitch, teacher: nn.Modu
             b, n, d = tokens.shape
             if n != height * width:
                 raise ValueError(f"teacher features have {n} tokens, not the {height}x{width} grid given")
-            captured.append(tokens.transpose(1, 2).reshape(b, d, height, width))
+            # the head trains in fp32; a GPU host runs the teacher in fp16 / bf16
+            captured.append(tokens.transpose(1, 2).reshape(b, d, height, width).float())
 
     block = blocks[len(blocks) // 2]
     hook = block.register_forward_hook(capture)  # removed by DMDTrainer.close()

@@ -58,11 +58,12 @@ def host_family(model) -> str:
 
 
 def host_alpha(model_sampling):
-    """alpha(sigma) of a host model: the weight of x0 in the host's own noise scaling."""
+    """alpha(sigma) of a host model: the weight of x0 in the host's own noise scaling, on sigma's
+    device (the sampler's sigmas are on the GPU there)."""
 
     def alpha(sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
-        return model_sampling.noise_scaling(sigma, torch.zeros(1), torch.ones(1)).reshape(())
+        return model_sampling.noise_scaling(sigma, sigma.new_zeros(1), sigma.new_ones(1)).reshape(())
 
     return alpha
 

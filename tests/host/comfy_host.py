@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
@@ -53,6 +54,8 @@ def import_host_in_process(importer):
     if path is None:
         pytest.skip(reason)
     sys.path.insert(0, path)
+    # as in launch_comfyui.py: the index's CUDA torchvision beside the CPU torch fails on this module
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     try:
         import comfy.cli_args
 
@@ -216,3 +219,18 @@ class ComfyServer:
                 folder = {"output": "output", "temp": "temp"}[image.get("type", "output")]
                 paths.append(os.path.join(self.base, folder, image.get("subfolder", ""), image["filename"]))
         return paths
+
+
+def import_pack_module(dotted: str):
+    """A module of this pack (e.g. "nodes.sampling") imported in this process under a stand-in
+    package, without the pack's __init__ (which registers every node and wants a running server).
+    Call it inside `import_host_in_process`."""
+    import importlib
+
+    for name, path in (("fgpack", REPO), ("fgpack.nodes", os.path.join(REPO, "nodes")),
+                       ("fgpack.nodes.adapters", os.path.join(REPO, "nodes", "adapters"))):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+    return importlib.import_module(f"fgpack.{dotted}")

@@ -32,6 +32,7 @@ def test_chunked_decode_equals_one_decode_of_the_whole_latent(wan_vae_module):
     parts = [decoder(z[:, :, i:i + 3]) for i in range(0, 7, 3)]  # chunks of 3, 3, 1 latent frames
     assert [p.shape[2] for p in parts] == [1 + 2 * 2, 3 * 2, 2]  # temporal upsampling x2 here: first frame gives 1
     assert torch.isfinite(whole).all()
-    assert torch.equal(torch.cat(parts, dim=2), whole)
+    # float32 convolutions over other frame counts may sum in another order on another CPU
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-5, atol=1e-5)
     fresh = stream.WanStreamingDecoder(vae)
     assert not torch.equal(fresh(z[:, :, 3:6]), parts[1]), "the cache carried nothing between chunks"

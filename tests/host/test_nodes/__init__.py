@@ -1,7 +1,27 @@
 """Test-only nodes the host tests load beside the pack (never shipped): what a real graph gets from
 files we cannot have here, such as a text encoder's CONDITIONING for the tiny Wan / SD1.5 models."""
 
+import os
+
 import torch
+
+
+def _compute_like_a_gpu(name: str):
+    """Make the CPU host pick and compute in fp16 / bf16 as it does on a GPU (FASTGEN_TEST_COMPUTE_DTYPE).
+
+    On the CPU, ComfyUI stores weights in half precision at most and computes in fp32 (manual cast),
+    which hides dtype mismatches that fail on every GPU. Claiming half-precision support for the
+    CPU makes `unet_dtype` choose it and `unet_manual_cast` return None: weights, model inputs and
+    activations are then half precision, as on a GPU. Loaded with the test nodes, before any model."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    import comfy.model_management as mm
+
+    mm.should_use_fp16 = lambda *args, **kwargs: dtype == torch.float16
+    mm.should_use_bf16 = lambda *args, **kwargs: dtype == torch.bfloat16
+
+
+if os.environ.get("FASTGEN_TEST_COMPUTE_DTYPE"):
+    _compute_like_a_gpu(os.environ["FASTGEN_TEST_COMPUTE_DTYPE"])
 
 
 class FastGenTestConditioning:
