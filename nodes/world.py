@@ -196,6 +196,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, chunk_frames, steps, first_chunk_steps, window_frames, sink_frames,
                 seed, vae=None, tiny_decoder=None, compile=False, cuda_graphs="off") -> io.NodeOutput:
+        started = time.perf_counter()
         if model_recipe(model) is None and steps == 0:
             raise ValueError("This MODEL carries no recipe: set steps (a causal student's own count, e.g. 4)")
         # without a recipe: DMD-style multistep sampling at cfg 1, as causal students are trained
@@ -243,6 +244,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             if frames_ready is not None:
                 frames.append(frames_ready())
             timings.append(time.perf_counter() - start)
+            if i == 0:
+                first_ready = time.perf_counter() - started
             if decode is not None:
                 preview = ("JPEG", Image.fromarray((frames[-1][-1].numpy() * 255).round().astype("uint8")), 512)
             else:
@@ -255,6 +258,10 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                 f"({len(first_sigmas) - 1} for the first); cache holds {cache.frames} frames "
                 f"({cache.nbytes() / 2**20:.1f} MiB), {cache.evicted} evicted; first chunk {timings[0]:.2f} s, "
                 f"later {sum(timings[1:]) / max(1, len(timings) - 1):.2f} s per chunk")
+        shown, unit = (video.shape[0], "frames") if frames else (total, "latent frames")
+        seconds = time.perf_counter() - started
+        text += (f"; from the node's start: first chunk after {first_ready:.3f} s, {shown} {unit} in {seconds:.2f} s "
+                 f"({shown / seconds:.1f} per second)")
         if compile:
             messages.append("blocks compiled by torch.compile" if run.compile else
                             "compile: torch.compile failed here, the blocks ran eagerly (the log says why)")

@@ -49,21 +49,23 @@ def _conv(shapes: dict, name: str, n_in: int, n_out: int, kernel: tuple[int, ...
     shapes[f"{name}.bias"] = (n_out,)
 
 
-def _fill(shapes: dict[str, tuple[int, ...]], seed: int, std: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random N(0, std^2) tensors, except norm scales (the only 1-D `.weight`s here), which are ones."""
-    g = torch.Generator().manual_seed(seed)
+def _fill(shapes: dict[str, tuple[int, ...]], seed: int, std: float, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+    """Random N(0, std^2) tensors, except norm scales (the only 1-D `.weight`s here), which are ones.
+    `device` draws them there (a full-size model on a GPU: seconds instead of minutes on the CPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for key, shape in shapes.items():
         if len(shape) == 1 and key.endswith(".weight"):
-            t = torch.ones(shape)
+            t = torch.ones(shape, device=device, dtype=dtype)
         else:
-            t = torch.randn(shape, generator=g) * std
-        out[key] = t.to(dtype)
+            t = (torch.randn(shape, generator=g, device=device) * std).to(dtype)
+        out[key] = t
     return out
 
 
 def tiny_wan_state_dict(
-    dim: int = 256, layers: int = 2, seed: int = 0, ffn_dim: int | None = None, std: float = 0.02, dtype: torch.dtype = torch.float32
+    dim: int = 256, layers: int = 2, seed: int = 0, ffn_dim: int | None = None, std: float = 0.02, dtype: torch.dtype = torch.float32,
+    device="cpu",
 ) -> dict[str, torch.Tensor]:
     """A Wan 2.1 T2V diffusion model (UNETLoader detects WAN21_T2V / model_base.WAN21, flow). ffn_dim defaults to 4 * dim."""
     if dim % 128:
@@ -89,7 +91,7 @@ def tiny_wan_state_dict(
         _linear(s, f"{b}.ffn.2", ffn, dim)
     s["head.modulation"] = (1, 2, dim)  # the detection key
     _linear(s, "head.head", dim, WAN_IN_DIM * 4)  # out_dim * prod(patch); out_dim = rows // 4
-    return _fill(s, seed, std, dtype)
+    return _fill(s, seed, std, dtype, device)
 
 
 def _resblock(s: dict, p: str, c_in: int, c_out: int, emb: int) -> None:

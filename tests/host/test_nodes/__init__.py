@@ -25,21 +25,25 @@ if os.environ.get("FASTGEN_TEST_COMPUTE_DTYPE"):
 
 
 class FastGenTestConditioning:
-    """Random text-encoder-shaped CONDITIONING: [[tensor[1, tokens, width], {"pooled_output": None}]]."""
+    """Random text-encoder-shaped CONDITIONING: [[tensor[1, tokens, width], {"pooled_output": None or [1, pooled]}]]."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
                              "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
-                             "width": ("INT", {"default": 4096, "min": 1, "max": 8192})}}
+                             "width": ("INT", {"default": 4096, "min": 1, "max": 8192})},
+                # SDXL / Flux need a pooled text embedding (1280 / 768 wide); 0 = none
+                "optional": {"pooled": ("INT", {"default": 0, "min": 0, "max": 4096})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "_for_testing"
 
-    def make(self, seed, tokens, width):
-        context = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(seed))
-        return ([[context, {"pooled_output": None}]],)
+    def make(self, seed, tokens, width, pooled=0):
+        gen = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, width, generator=gen)
+        pooled_output = torch.randn(1, pooled, generator=gen) if pooled else None
+        return ([[context, {"pooled_output": pooled_output}]],)
 
 
 def _pack_module(suffix):
