@@ -86,8 +86,9 @@ class Host:
         # where the GPU supports it
         importlib.import_module("comfy.options").enable_args_parsing()
         importlib.import_module("utils.install_util")  # the host's utils package, before comfy/utils.py can shadow it
-        importlib.import_module("cuda_malloc")
+        cuda_malloc = importlib.import_module("cuda_malloc")
         main = importlib.import_module("main")
+        main.cuda_malloc = cuda_malloc  # main.py binds it only when run as a script
         import comfy.cli_args
         import comfy.model_management
         import execution
