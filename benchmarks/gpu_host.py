@@ -73,9 +73,9 @@ class LoadLines(logging.Handler):
 
 
 class Host:
-    def __init__(self, comfy_path: str, base: str):
+    def __init__(self, comfy_path: str, base: str, host_args: list[str]):
         sys.argv = [os.path.join(comfy_path, "main.py"), "--base-directory", base, "--database-url", "sqlite:///:memory:",
-                    "--disable-auto-launch", "--disable-api-nodes", *(["--cpu"] if DEVICE == "cpu" else [])]
+                    "--disable-auto-launch", "--disable-api-nodes", *(["--cpu"] if DEVICE == "cpu" else []), *host_args]
         sys.path.insert(0, comfy_path)
         os.chdir(comfy_path)
         if DEVICE == "cpu":  # the index's CUDA torchvision beside a CPU torch (tests/host/launch_comfyui.py)
@@ -293,7 +293,7 @@ def wan_vae_state() -> dict:
 # --- workflows ---------------------------------------------------------------------------------------
 
 
-def on_gpu(prompt: dict, dmd_iterations: int, weight_dtype: str | None) -> dict:
+def on_gpu(prompt: dict, dmd_iterations: int, weight_dtype: str | None, tag: str = "") -> dict:
     """A workflow's prompt as it runs here: the text encoders give way to a fixed random
     conditioning of their output's shape; training is cut to `dmd_iterations`; UNETLoader loads with
     `weight_dtype` ("fp8_e4m3fn") where one is given. Everything else runs as written."""
@@ -303,8 +303,8 @@ def on_gpu(prompt: dict, dmd_iterations: int, weight_dtype: str | None) -> dict:
             tokens, width, pooled = TEXT[prompt[node["inputs"]["clip"][0]]["inputs"]["type"]]
             prompt[node_id] = {"class_type": "FastGenTestConditioning",
                                "inputs": {"seed": int(node_id), "tokens": tokens, "width": width, "pooled": pooled}}
-        elif node["class_type"] == "FastGenDistillDMD":
-            node["inputs"]["iterations"] = dmd_iterations
+        elif node["class_type"] == "FastGenDistillDMD":  # a new name per pass: the node refuses to overwrite
+            node["inputs"].update(iterations=dmd_iterations, save_name=node["inputs"]["save_name"] + tag)
         elif node["class_type"] == "UNETLoader" and weight_dtype:
             node["inputs"]["weight_dtype"] = weight_dtype
         elif SMALL and node["class_type"] in SMALL_LATENTS:
@@ -335,7 +335,7 @@ def run_workflows(host: Host, dtypes: list[str], only: str, dmd_iterations: int)
                 continue  # fp8 weights are a UNETLoader option
             host.weight_dtype(None if dtype == "fp8" else dtype)
             host.fresh()
-            prompt = on_gpu(api, dmd_iterations, "fp8_e4m3fn" if dtype == "fp8" else None)
+            prompt = on_gpu(api, dmd_iterations, "fp8_e4m3fn" if dtype == "fp8" else None, f"_{dtype}")
             result = host.run(prompt)
             warm = host.run(_reseeded(prompt)) if result["ok"] else None
             rows.append({"workflow": os.path.basename(path), "dtype": dtype, **result,
@@ -394,7 +394,8 @@ def student_sampler_perf(host: Host, big: bool, repeats: int = 5) -> list[str]:
             out={"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": "perf/node"}})
         stock = dict(common, sig={"class_type": "FastGenSigmas", "inputs": {"model": ["m", 0], "timesteps": "999", "source": "recipe"}},
                      g={"class_type": "CFGGuider", "inputs": {"model": ["m", 0], "positive": ["c", 0], "negative": ["c", 0], "cfg": 1.0}},
-                     k={"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+                     # the host's lcm is the recipe's multistep_sde: x0, then fresh noise at the next sigma
+                     k={"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
                      n={"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
                      s={"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["n", 0], "guider": ["g", 0], "sampler": ["k", 0],
                                                                           "sigmas": ["sig", 0], "latent_image": ["l", 0]}},
@@ -538,6 +539,7 @@ def main():
     parser.add_argument("--perf", default="", help="comma list of sampler, causal, dmd")
     parser.add_argument("--big", action="store_true", help="Wan 2.1 14B for the LoRA workflow, and a Flux-size student")
     parser.add_argument("--dmd-iterations", type=int, default=20)
+    parser.add_argument("--host-args", default="", help="more main.py arguments, e.g. --disable-cuda-malloc")
     parser.add_argument("--out", default=None, help="folder for gpu_host.json")
     parser.add_argument("--small", action="store_true", help="tiny Wan models and small video latents")
     parser.add_argument("--cpu", action="store_true", help="with --small: a smoke test of the harness on a CPU")
@@ -551,7 +553,7 @@ def main():
     base = tempfile.mkdtemp(prefix="fastgen-gpu-host-")
     prepare_base(base)
     started = time.perf_counter()
-    host = Host(os.path.abspath(args.comfyui), base)
+    host = Host(os.path.abspath(args.comfyui), base, args.host_args.split())
     import torch
 
     global PEAK_TFLOPS

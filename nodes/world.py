@@ -23,7 +23,7 @@ from PIL import Image
 from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
 from .adapters.recipes import model_recipe, recipe_sigmas
-from .adapters.wan_causal import WanCausalRun, make_causal
+from .adapters.wan_causal import WanCausalRun, compute_dtype, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
@@ -102,7 +102,7 @@ def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
     base = model.model
     device = comfy.model_management.get_torch_device()
     x = latents.to(device)
-    run.begin_chunk(x.shape, device, base.get_dtype(), write=True)
+    run.begin_chunk(x.shape, device, compute_dtype(base), write=True)
     with torch.no_grad():
         base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=context_options(model), **inputs)
     run.end_chunk(x.shape[2])
@@ -234,7 +234,7 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             start = time.perf_counter()
             span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
             chunk_sigmas = first_sigmas if i == 0 else sigmas
-            run.begin_chunk(samples[:, :, span].shape, device, model.model.get_dtype())
+            run.begin_chunk(samples[:, :, span].shape, device, compute_dtype(model.model))
             chunk = comfy.sample.sample_custom(causal, noise[:, :, span], 1.0, sampler, chunk_sigmas, positive, positive,
                                                samples[:, :, span], disable_pbar=True, seed=seed + i)
             out.append(chunk)

@@ -48,6 +48,12 @@ FUSE_LINEAR_GELU = True  # in the compiled blocks, the FFN's Linear + tanh-GELU 
 log = logging.getLogger("fastgen")
 
 
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype the host computes a model in: its weights' dtype, unless it casts them (fp8 weights
+    run in fp16 / bf16; RoPE tables and activations must not be made in fp8)."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
 class WanCausalRun:
     """One rollout's state on a Wan model: the cache, the chunk being run and which pass it is.
 
@@ -185,8 +191,9 @@ def _run_block(run: WanCausalRun, original_block, args):
             out = {**out, "img": out["img"].clone()}
         return out
     except Exception as err:  # noqa: BLE001 - any compiler failure: the eager block is exact (a real error recurs there)
+        # the traceback too: a compiler failure on a user's machine is only diagnosable with it
         log.warning("FastGen causal loop: torch.compile of the Wan blocks failed (%s); running them eagerly",
-                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__, exc_info=True)
         run.compile = False
         run.attention_calls = 0  # the failed attempt may have got past the self-attention already
         return original_block(args)

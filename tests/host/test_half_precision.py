@@ -50,3 +50,20 @@ def test_workflow_runs_when_the_host_computes_in_half_precision(half_comfy, path
     # the models really ran in half precision, with no fp32 manual cast
     loads = re.findall(r"model weight dtype (\S+), manual cast: (\S+)", half_comfy.log())
     assert loads and all(dtype == DTYPES[half_comfy.compute_dtype] and cast == "None" for dtype, cast in loads), loads
+
+
+UNET_WORKFLOWS = [p for p in WORKFLOW_FILES if '"UNETLoader"' in open(p).read()]
+
+
+@pytest.mark.parametrize("path", UNET_WORKFLOWS, ids=os.path.basename)
+def test_workflow_runs_with_fp8_weights(comfy, object_info, path):
+    """UNETLoader's weight_dtype fp8_e4m3fn: the weights are stored in fp8 and computed in another
+    dtype, so nothing may make tensors in the weights' dtype (the causal loop's RoPE did, on a GPU)."""
+    with open(path) as f:
+        prompt = runnable_here(ui_to_api(json.load(f), object_info))
+    for node in prompt.values():
+        if node["class_type"] == "UNETLoader":
+            node["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    entry = comfy.run_prompt(prompt, timeout=600)
+    assert comfy.output_files(entry)
+    assert re.findall(r"model weight dtype torch.float8_e4m3fn, manual cast: torch.float32", comfy.log())
