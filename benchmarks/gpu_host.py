@@ -470,9 +470,11 @@ def model_flops(host: Host, family: str) -> float:
     return float(counter.get_total_flops())
 
 
-def causal_perf(host: Host, videos: int = 3) -> list[str]:
+def causal_perf(host: Host, videos: int = 4) -> list[str]:
     """The Causal Video Sampler node (compile, kept graphs, tiny decoder; Wan-1.3B size, 832x480, 81
-    frames) through the executor, `videos` Queues in this process: the node's own timing report of each."""
+    frames) through the executor, `videos` Queues in this process: the node's own timing report of each
+    (the first compiles, the second captures the kept graphs, later ones replay them: compare those with
+    `benchmarks/causal_video.py --variants compile+chunkgraphs+tiny --warmup-videos 2`)."""
     from workflow_api import ui_to_api
 
     host.weight_dtype(None)

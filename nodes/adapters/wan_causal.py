@@ -211,9 +211,15 @@ def _compiled_block(mode: str | None = None):
     once more. `mode` "reduce-overhead" also replays the compiled pieces as CUDA graphs. The default
     mode also fuses each FFN's Linear + GELU (`linear_gelu_pass`; torch.compile takes options or a
     mode, not both)."""
-    if mode is None and FUSE_LINEAR_GELU:
-        return torch.compile(_call_block, options={"pre_grad_custom_pass": linear_gelu_pass()})
-    return torch.compile(_call_block, mode=mode)
+    if mode is not None:
+        return torch.compile(_call_block, mode=mode)
+    options = {"pre_grad_custom_pass": linear_gelu_pass()} if FUSE_LINEAR_GELU else {}
+    if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        # ComfyUI's default allocator on recent GPUs: there, inductor's static CUDA launcher fails every
+        # compiled kernel's launch ("CUDA driver error: invalid argument"; H200, torch 2.11), which
+        # left the blocks eager; Triton's own launcher is used instead
+        options["use_static_cuda_launcher"] = False
+    return torch.compile(_call_block, options=options)
 
 
 @functools.cache
