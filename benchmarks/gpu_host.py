@@ -470,7 +470,7 @@ def model_flops(host: Host, family: str) -> float:
     return float(counter.get_total_flops())
 
 
-def causal_perf(host: Host, videos: int = 4) -> list[str]:
+def causal_perf(host: Host, videos: int = 5) -> list[str]:
     """The Causal Video Sampler node (compile, kept graphs, tiny decoder; Wan-1.3B size, 832x480, 81
     frames) through the executor, `videos` Queues in this process: the node's own timing report of each
     (the first compiles, the second captures the kept graphs, later ones replay them: compare those with
@@ -492,9 +492,10 @@ def causal_perf(host: Host, videos: int = 4) -> list[str]:
     return lines
 
 
-def dmd_perf(host: Host, iterations: int = 20) -> list[str]:
-    """FastGen DMD Distill on the Wan-1.3B-size teacher at 480p (21 latent frames would not fit
-    training; 832x480x9 frames, batch 1), `iterations` iterations: seconds per iteration and peak."""
+def dmd_perf(host: Host, iterations: int = 10) -> list[str]:
+    """FastGen DMD Distill on the Wan-1.3B-size teacher at benchmarks/distill.py's settings (832x480,
+    81 frames = 21 latent frames, batch 1, 4-step student, update ratio 2, LoRA rank 64, gradient
+    checkpointing), `iterations` iterations: seconds per iteration and peak memory."""
     host.weight_dtype(None)
     host.fresh()
     tokens, width, _ = TEXT["wan"]
@@ -502,17 +503,18 @@ def dmd_perf(host: Host, iterations: int = 20) -> list[str]:
         "m": {"class_type": "UNETLoader", "inputs": {"unet_name": "self_forcing_dmd.safetensors", "weight_dtype": "default"}},
         "c": {"class_type": "FastGenTestConditioning", "inputs": {"seed": 1, "tokens": tokens, "width": width}},
         "n": {"class_type": "FastGenTestConditioning", "inputs": {"seed": 2, "tokens": tokens, "width": width}},
-        "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 832, "height": 480, "length": 33, "batch_size": 1,
+        "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 832, "height": 480, "length": 81, "batch_size": 1,
                                                                   **(SMALL_LATENTS["EmptyHunyuanLatentVideo"] if SMALL else {})}},
         "d": {"class_type": "FastGenDistillDMD", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["l", 0], "student_steps": 4,
-            "iterations": iterations, "learning_rate": 1e-5, "lora_rank": 32, "guidance": 5.0, "update_ratio": 5,
+            "iterations": iterations, "learning_rate": 1e-5, "lora_rank": 64, "guidance": 5.0, "update_ratio": 2,
             "batch_size": 1, "seed": 0, "save_name": f"fastgen/wan_dmd_{uuid.uuid4().hex[:6]}", "resume": False,
             "gradient_checkpointing": True}},
         "p": {"class_type": "PreviewImage", "inputs": {"images": ["d", 2]}},
     }
     result = host.run(prompt)
-    line = (f"DMD node, Wan-1.3B size, 832x480x33 (9 latent frames), {iterations} iterations, gradient checkpointing: "
+    line = (f"DMD node, Wan-1.3B size, 832x480x81 (21 latent frames), rank 64, update ratio 2, {iterations} iterations, "
+            f"gradient checkpointing: "
             f"{'ok' if result['ok'] else 'FAILED ' + result['error']}; {result['seconds']:.1f} s "
             f"({result['seconds'] / iterations:.2f} s per iteration incl. load + preview); peak {result['peak_gib']:.1f} GiB; "
             f"node: {result['texts'].get('d', '')[:300]}")

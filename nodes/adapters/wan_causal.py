@@ -214,11 +214,6 @@ def _compiled_block(mode: str | None = None):
     if mode is not None:
         return torch.compile(_call_block, mode=mode)
     options = {"pre_grad_custom_pass": linear_gelu_pass()} if FUSE_LINEAR_GELU else {}
-    if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
-        # ComfyUI's default allocator on recent GPUs: there, inductor's static CUDA launcher fails every
-        # compiled kernel's launch ("CUDA driver error: invalid argument"; H200, torch 2.11), which
-        # left the blocks eager; Triton's own launcher is used instead
-        options["use_static_cuda_launcher"] = False
     return torch.compile(_call_block, options=options)
 
 
