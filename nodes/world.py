@@ -23,7 +23,7 @@ from PIL import Image
 from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
 from .adapters.recipes import model_recipe, recipe_sigmas
-from .adapters.wan_causal import WanCausalRun, compute_dtype, make_causal
+from .adapters.wan_causal import WanCausalRun, allocator_note, compute_dtype, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
@@ -265,6 +265,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         if compile:
             messages.append("blocks compiled by torch.compile" if run.compile else
                             "compile: torch.compile failed here, the blocks ran eagerly (the log says why)")
+        if note := allocator_note(compile, cuda_graphs):
+            messages.append(note)
         if graphs is not None:
             messages.append(graphs.report() + (" (kept in VRAM for the next run)" if cuda_graphs == "kept" and graphs.enabled
                                                else ""))

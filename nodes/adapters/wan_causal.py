@@ -48,6 +48,19 @@ FUSE_LINEAR_GELU = True  # in the compiled blocks, the FFN's Linear + tanh-GELU 
 log = logging.getLogger("fastgen")
 
 
+ASYNC_ALLOCATOR_NOTE = (
+    "ComfyUI runs PyTorch's cudaMallocAsync allocator here (its default on recent GPUs): with it, torch.compile's "
+    "kernels cannot address their buffers (the blocks fall back to eager) and kept CUDA graphs are recaptured each run. "
+    "Start ComfyUI with --disable-cuda-malloc for the compiled, graphed loop (README, Causal video).")
+
+
+def allocator_note(compile: bool, cuda_graphs: str) -> str | None:
+    """A note for the node's report when the process allocator defeats `compile` / kept graphs."""
+    if not (compile or cuda_graphs == "kept") or not torch.cuda.is_available():
+        return None
+    return ASYNC_ALLOCATOR_NOTE if torch.cuda.get_allocator_backend() == "cudaMallocAsync" else None
+
+
 def compute_dtype(base_model) -> torch.dtype:
     """The dtype the host computes a model in: its weights' dtype, unless it casts them (fp8 weights
     run in fp16 / bf16; RoPE tables and activations must not be made in fp8)."""
