@@ -96,7 +96,12 @@ def predicted_noise(x, sigma, denoised, alpha=flow_alpha):
 
 
 def _noise_like(x, generator):
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    """Noise from a CPU generator (the same samples on any device), copied to x's device. On a GPU
+    the copy goes through pinned memory, queued: from pageable memory it would wait for the GPU."""
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+    if x.device.type == "cuda":
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
 
 
 def _report(callback, i, x, sigma, denoised):
@@ -195,10 +200,13 @@ def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, al
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     sigma_at = sigma_at or (lambda s, fraction: s * fraction)
+    # the step decisions from one host copy of the schedule: comparing the GPU's sigmas (or drawn
+    # amounts) in Python would wait for the GPU at every step
+    levels = [float(s) for s in sigmas]
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
-        if sigma_next == 0:
+        if levels[i + 1] == 0:
             x = denoised
         else:
             eps = predicted_noise(x, sigma, denoised, alpha)
@@ -208,7 +216,7 @@ def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, al
             ratio = alpha(sigma_next) / alpha(sigma_s)
             fresh = (sigma_next**2 - (ratio * sigma_s) ** 2).clamp(min=0).sqrt()
             x = ratio * x_s
-            if fresh > 0:  # gamma = 0 lands on sigma_next already: no noise to add (or to draw)
+            if gamma > 0:  # gamma = 0 lands on sigma_next already: no noise to add (or to draw)
                 x = x + fresh * _noise_like(x, generator)
         _report(callback, i, x, sigma, denoised)
     return x
