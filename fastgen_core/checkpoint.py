@@ -110,22 +110,59 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: cannot read tensors (corrupt or truncated?): {err}") from None
 
 
-def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str):
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+# State a network holds beyond its file's tensors (non-persistent buffers such as position tables):
+# sizes from metadata alone must not make the process allocate more than this.
+MAX_EXTRA_BYTES = 256 * 2**20
+
+
+def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: str):
+    """The file's tensor names and shapes against the architecture's, before anything is built."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, shape in found.items():
+        if tuple(shape) != tuple(expected[key]):
+            raise ValueError(f"{source}: {key} has shape {list(shape)}, expected {list(expected[key])}")
+
+
+def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str):
+    check_shapes({k: tuple(v.shape) for k, v in net.state_dict().items()}, {k: tuple(v.shape) for k, v in state_dict.items()},
+                 source)
     for key, tensor in state_dict.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{source}: {key} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: {key} contains NaN or inf")
 
 
+def header_shapes(path: str) -> dict[str, tuple]:
+    """Tensor names and shapes from a safetensors header (no tensor is read)."""
+    read_metadata(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the tensor header (corrupt or truncated?): {err}") from None
+
+
+def check_file_fits(arch: str, config: dict, path: str):
+    """Refuse a file whose metadata describes another network than its tensors before building it:
+    the sizes in the metadata are the file's word, the tensors are what it holds. The network is
+    built on the meta device (no memory) and compared name by name and shape by shape."""
+    with torch.device("meta"):
+        skeleton = build_network(arch, config, source=path)
+    expected = skeleton.state_dict()
+    check_shapes({k: tuple(v.shape) for k, v in expected.items()}, header_shapes(path), path)
+    extra = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in expected)
+    if extra > MAX_EXTRA_BYTES:
+        raise ValueError(f"{path}: its config asks for {extra / 2**20:.0f} MiB of state beyond its weights "
+                         f"(at most {MAX_EXTRA_BYTES // 2**20} MiB): refused")
+
+
 def load_network(path: str, dtype=torch.float32, device="cpu") -> tuple[torch.nn.Module, Recipe | None]:
-    """Build the network a FastGen file describes and load its weights (eval mode)."""
+    """Build the network a FastGen file describes and load its weights (eval mode). The metadata's
+    sizes are checked against the file's tensors before the network is built."""
     arch, config, recipe = network_info(path)
+    check_file_fits(arch, config, path)
     net = build_network(arch, config, source=path)
     state_dict = load_state_dict(path)
     check_state_dict(net, state_dict, path)

@@ -104,3 +104,25 @@ def test_recipe_validation_and_forward_compatibility():
         Recipe.from_json('{"family": "x"}', source="f.safetensors")
     newer = json.loads(RECIPE.to_json()) | {"future_knob": 7}
     assert Recipe.from_json(json.dumps(newer)).extra == {"future_knob": 7}
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("CausalWorldDiT", {"dim": 2048, "depth": 8, "heads": 16}),
+    ("DigitDiT", {"dim": 2048, "depth": 8, "heads": 16}),
+])
+def test_metadata_asking_for_a_huge_network_is_refused_before_anything_is_built(tmp_path, arch, config):
+    """A few hundred bytes whose metadata declares a 0.4 B-parameter network (1.6 GB in fp32): refused
+    from the header, in well under a second, without the process growing."""
+    import resource
+    import time
+
+    path = str(tmp_path / "bomb.safetensors")
+    save_file({"weight": torch.zeros(2, 2)}, path,
+              metadata={checkpoint.NETWORK_KEY: json.dumps({"arch": arch, "config": config})})
+    assert os.path.getsize(path) < 1000
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="do not match the architecture"):
+        checkpoint.load_network(path)
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024

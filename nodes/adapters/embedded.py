@@ -90,6 +90,7 @@ class FastGenDigits(comfy.supported_models_base.BASE):
 def load_digit_model(path: str) -> comfy.model_patcher.ModelPatcher:
     """A FastGen DigitDiT file -> a native MODEL (ModelPatcher around a host BaseModel)."""
     arch, config, recipe = checkpoint.network_info(path)
+    checkpoint.check_file_fits(arch, config, path)  # before any tensor is read
     return digit_model_from_state_dict(arch, config, recipe, checkpoint.load_state_dict(path), path)
 
 
