@@ -50,6 +50,38 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
+MAX_NAME_BYTES = 255  # one path component on common file systems
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def check_save_name(save_name: str, suffix: str = ".safetensors", example: str = "fastgen/my_model") -> str:
+    """A user's save name as a relative path ending in `suffix`, or a ValueError saying what is
+    wrong with it, before any work is spent: no absolute path, drive (`C:`), `..` / `.` or empty
+    component, hidden component (the pack's temporary files start with '.'), control character,
+    Windows device name, or component longer than the file system allows."""
+    name = save_name.strip().replace("\\", "/")
+    if not name.endswith(suffix):
+        name += suffix
+    hint = f"a relative name like '{example}'"
+    if not save_name.strip():
+        raise ValueError(f"save_name is empty: give {hint}")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise ValueError(f"save_name {save_name!r} contains a control character: give {hint}")
+    if name.startswith("/") or ":" in name:
+        raise ValueError(f"save_name {save_name!r} is an absolute path or names a drive: give {hint}")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"save_name {save_name!r} has an empty, '.' or '..' part: give {hint}")
+        if part.startswith("."):
+            raise ValueError(f"save_name {save_name!r}: the part {part!r} starts with '.' (hidden): give {hint}")
+        if part.split(".")[0].lower() in _RESERVED:
+            raise ValueError(f"save_name {save_name!r}: {part!r} is a reserved device name on Windows: give {hint}")
+        if len(part.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"save_name {save_name!r}: the part {part[:40]!r}... is {len(part.encode())} bytes long, "
+                             f"at most {MAX_NAME_BYTES} with {suffix!r}: give a shorter name")
+    return name
+
+
 def save_network(path: str, net: torch.nn.Module, recipe: Recipe | None = None, dtype=torch.float16, extra_metadata=None):
     arch = type(net).__name__
     if arch not in _architectures():

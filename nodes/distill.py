@@ -22,10 +22,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
+from .adapters import save_paths
 from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
 from .world_session import prompt_server
 
 LOSS_EVENT = "fastgen.distill.loss"
+SAVE_EXAMPLE = "fastgen/my_student"
 
 
 class LossEvents:
@@ -142,19 +144,9 @@ def lora_targets(name: str, module: torch.nn.Module) -> bool:
 
 
 def resolve_save_path(save_name: str, allow_existing: bool) -> str:
-    """A path under the first loras folder; refuses `..`, absolute paths and silent overwrites."""
-    name = save_name.strip().replace("\\", "/")
-    if not name or os.path.isabs(name) or name.startswith("/") or any(part in ("..", "") for part in name.split("/")):
-        raise ValueError(f"save_name {save_name!r} must be a relative name like 'fastgen/my_student' (no '..', no absolute path)")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    root = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
-    path = os.path.abspath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"save_name {save_name!r} leaves the loras folder")
-    if os.path.exists(path) and not allow_existing:
-        raise ValueError(f"{name} already exists in {root}: choose another save_name, or set resume to continue that run")
-    return path
+    """A path under the first loras folder; refuses bad names and silent overwrites."""
+    return save_paths.resolve_save_path(save_name, "loras", SAVE_EXAMPLE, allow_existing,
+                                        "choose another save_name, or set resume to continue that run")
 
 
 def model_conds(base, conditioning, name: str, latent_shape, device) -> list[dict]:
@@ -233,6 +225,10 @@ class FastGenDistillDMD(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, save_name: str, **kwargs):
+        return save_paths.save_name_problem(save_name, SAVE_EXAMPLE)
 
     @classmethod
     def execute(cls, model, positive, negative, latent, student_steps, iterations, learning_rate, lora_rank, guidance,

@@ -33,6 +33,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, quant
 from ..fastgen_core.recipe import RECIPE_KEY
+from .adapters import save_paths
 from .adapters.embedded import HostDigitDiT, digit_model_from_state_dict
 from .adapters.recipes import model_recipe
 
@@ -41,6 +42,7 @@ log = logging.getLogger("fastgen")
 WRAPPER_KEY = "fastgen_quant"
 ATTACHMENT_KEY = "fastgen_quant"  # the LayerQuantizers of a quantized MODEL (read by the save node)
 FOLDER = "diffusion_models"
+SAVE_EXAMPLE = "fastgen/my_model_fp8"
 
 
 class QuantizeWrapper:
@@ -194,19 +196,9 @@ class FastGenQuantizeModel(io.ComfyNode):
 
 
 def resolve_save_path(save_name: str, overwrite: bool) -> str:
-    """A path under the first diffusion_models folder; refuses '..', absolute paths and silent overwrites."""
-    name = save_name.strip().replace("\\", "/")
-    if not name or os.path.isabs(name) or name.startswith("/") or any(part in ("..", "", ".") for part in name.split("/")):
-        raise ValueError(f"save_name {save_name!r} must be a relative name like 'fastgen/my_model_fp8' (no '..', no absolute path)")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    root = os.path.abspath(folder_paths.get_folder_paths(FOLDER)[0])
-    path = os.path.abspath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"save_name {save_name!r} leaves the {FOLDER} folder")
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{name} already exists in {root}: choose another save_name, or turn overwrite on")
-    return path
+    """A path under the first diffusion_models folder; refuses bad names and silent overwrites."""
+    return save_paths.resolve_save_path(save_name, FOLDER, SAVE_EXAMPLE, overwrite,
+                                        "choose another save_name, or turn overwrite on")
 
 
 def values_state_dict(diffusion_model, bank) -> dict:
@@ -253,6 +245,10 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
             outputs=[io.String.Output(display_name="file_name", tooltip="The saved file, as the loader lists it.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, save_name: str, **kwargs):
+        return save_paths.save_name_problem(save_name, SAVE_EXAMPLE)
 
     @classmethod
     def execute(cls, model, save_name: str, overwrite: bool) -> io.NodeOutput:

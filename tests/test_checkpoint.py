@@ -126,3 +126,23 @@ def test_metadata_asking_for_a_huge_network_is_refused_before_anything_is_built(
         checkpoint.load_network(path)
     assert time.perf_counter() - start < 1.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("fastgen/student", "fastgen/student.safetensors"),
+    ("  a\\b.safetensors ", "a/b.safetensors"),
+])
+def test_save_names_become_relative_safetensors_paths(name, expected):
+    assert checkpoint.check_save_name(name) == expected
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("", "empty"), ("   ", "empty"), ("x" * 300, "bytes long"), ("a/" + "é" * 130, "bytes long"),
+    ("bad\x00name", "control character"), ("line\nbreak", "control character"),
+    ("/etc/passwd", "absolute"), ("C:/models/x", "drive"), ("c:x", "drive"),
+    ("../escape", "'..'"), ("a//b", "empty"), ("./a", "'.'"), ("a/.tmp-123b", "hidden"),
+    ("CON", "reserved"), ("fastgen/nul.txt", "reserved"),
+])
+def test_bad_save_names_are_refused_with_the_reason(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        checkpoint.check_save_name(name)

@@ -2,6 +2,7 @@
 through KSampler, LoRAs before and after it, Save / Load Quantized Model."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -131,7 +132,12 @@ def test_save_then_load_gives_the_same_digits(comfy, object_info):
     assert "compact: 24 layers held as int8 codes" in text and "3.9x smaller" in text, text
     torch.testing.assert_close(compact, in_graph, rtol=0, atol=1e-5)
     bad = {"s": {"class_type": "FastGenSaveQuantizedModel", "inputs": {"model": ["q", 0], "save_name": "../escape", "overwrite": True}}}
-    assert "no '..'" in failure(comfy, {**digits_graph(object_info, {"q": quantize(model, "int8")})[0], **bad})
+    long = {"s": {**bad["s"], "inputs": {**bad["s"]["inputs"], "save_name": "q" * 300}}}
+    for graph, reason in ((bad, "'..' part"), (long, "bytes long")):
+        # refused when the prompt is validated, before anything is quantized (the graph's other
+        # outputs still run, as the host does for a prompt with one invalid output)
+        _, body = comfy.post("/prompt", {"prompt": {**digits_graph(object_info, {"q": quantize(model, "int8")})[0], **graph}})
+        assert reason in json.dumps(body.get("node_errors", {}).get("s", {})), body
 
 
 WAN_LATENT = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}}
