@@ -40,7 +40,9 @@ def atomic_path(path: str):
     """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    # ends in ".partial", not the target's extension: a write cut short by a kill leaves a file the
+    # host's model lists (filtered by extension) do not show
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{os.path.basename(path)}.partial", dir=folder)
     os.close(fd)
     try:
         yield tmp

@@ -457,5 +457,15 @@ def student_recipe(settings: DistillSettings, family: str, teacher: str | None, 
     return Recipe(**common, timesteps=[round(t * 1000) for t in t_list], shift=shift)
 
 
+RESUME_SUFFIX = ".fastgen-resume"  # not a model extension: the host's LoRA lists do not show it
+LEGACY_RESUME_SUFFIX = ".resume.pt"  # before 2026-12-04; listed as a LoRA by the host
+
+
 def default_checkpoint_path(lora_path: str) -> str:
-    return os.path.splitext(lora_path)[0] + ".resume.pt"
+    """The training state kept beside a LoRA for resuming; a state saved under the old name is
+    moved to the new one (out of the host's LoRA lists)."""
+    stem = os.path.splitext(lora_path)[0]
+    path, legacy = stem + RESUME_SUFFIX, stem + LEGACY_RESUME_SUFFIX
+    if not os.path.exists(path) and os.path.isfile(legacy):
+        os.replace(legacy, path)
+    return path

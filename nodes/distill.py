@@ -205,7 +205,7 @@ class FastGenDistillDMD(io.ComfyNode):
                              tooltip="Seeds the LoRAs, the prompts drawn and all noise."),
                 io.String.Input("save_name", default="fastgen/dmd_student", tooltip="Where the LoRA goes, relative to "
                                 "models/loras ('.safetensors' added). An existing file is never overwritten unless resuming."),
-                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (its .resume.pt "
+                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (its .fastgen-resume "
                                  "checkpoint, written every 50 iterations and when cancelled)."),
                 io.String.Input("student_timesteps", default="", optional=True, tooltip="The student's noise levels as "
                                 "timesteps 0..1000 in the model's own schedule, e.g. '999, 749, 499, 249'. Empty: evenly "

@@ -282,3 +282,19 @@ def test_student_command_runs_the_gan_term_on_real_digits():
     assert [("discriminator" in r, "gan_gen" in r) for r in tr.history] == [(True, True), (True, False), (True, True)]
     assert all(np_finite(r["discriminator"]) for r in tr.history)
     assert recipe.steps == 2 and tr._gan_hook is None
+
+
+def test_training_state_and_partial_writes_are_not_named_like_models(tmp_path):
+    """The host lists model folders by extension: the resume state and an interrupted write must
+    not show up in LoRA dropdowns (a state saved under the old .resume.pt name is moved)."""
+    from fastgen_core.checkpoint import atomic_path
+
+    model_extensions = {".safetensors", ".pt", ".pt2", ".ckpt", ".pth", ".bin", ".pkl", ".sft"}
+    lora = str(tmp_path / "student.safetensors")
+    assert os.path.splitext(distill.default_checkpoint_path(lora))[1] not in model_extensions
+    with atomic_path(lora) as tmp:
+        assert os.path.splitext(tmp)[1] not in model_extensions and os.path.dirname(tmp) == str(tmp_path)
+    legacy = tmp_path / "old.resume.pt"
+    legacy.write_bytes(b"state")
+    moved = distill.default_checkpoint_path(str(tmp_path / "old.safetensors"))
+    assert not legacy.exists() and open(moved, "rb").read() == b"state"

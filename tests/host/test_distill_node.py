@@ -83,6 +83,10 @@ def test_dmd_node_never_overwrites_and_resumes(comfy):
     assert "already exists" in message
     _, entry = run_latent(comfy, distill_graph("fastgen/resumable", iterations=8, resume=True))
     assert "8 iterations" in node_text(entry, "d")
+    # the training state beside the LoRA is not offered as a LoRA, in our loaders or the host's
+    assert os.path.isfile(os.path.join(comfy.base, "models", "loras", "fastgen", "resumable.fastgen-resume"))
+    options = comfy.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert [o for o in options if o.startswith("fastgen/resumable")] == ["fastgen/resumable.safetensors"], options
 
 
 def lora_recipe(comfy, name):
