@@ -41,6 +41,7 @@ MAX_BODY_BYTES = 1024
 ACTION_RATE, ACTION_BURST = 60.0, 120  # a key repeat runs at ~30/s; more than this is a flood
 FRAME_EVENT = "fastgen.world.frames"
 STOPPED_EVENT = "fastgen.world.stopped"
+STARTED_EVENT = "fastgen.world.started"  # carries the session token, to the queuing page only
 log = logging.getLogger("FastGen")
 
 
@@ -174,9 +175,9 @@ class FastGenWorldSession(io.ComfyNode):
         if server is None:
             raise RuntimeError("FastGen World Session needs ComfyUI's server (its websocket and routes)")
         client_id = server.client_id
-        if not client_id:
+        if not client_id or client_id not in server.sockets:
             raise ValueError("FastGen World Session streams to the page that queued it: queue it from ComfyUI's page "
-                             "(an API call needs a client_id with an open websocket)")
+                             "(an API call needs a client_id with an open websocket; this one has none)")
         net, recipe = load_world_model(model_name)
         net.eval()
         chunk = int((recipe.extra if recipe else {}).get("chunk_frames", 4))
@@ -206,9 +207,12 @@ class FastGenWorldSession(io.ComfyNode):
                             frames_per_step=frames_per_step)
         holder["session"] = live
         holder["token"] = SESSIONS.add(live, client_id)
+        info = {"actions": list(data.GAME_ACTIONS), "max_fps": max_fps, "chunk_frames": chunk, "steps": steps,
+                "model": model_name}
+        # The token goes over the queuing page's own websocket (before the first frame), never into
+        # the node's output: the host keeps outputs in GET /history, which every client can read.
+        server.send_sync(STARTED_EVENT, {**info, "node": node_id, "session": holder["token"]}, client_id)
         live.start()
-        info = {"session": holder["token"], "actions": list(data.GAME_ACTIONS), "max_fps": max_fps, "chunk_frames": chunk,
-                "steps": steps, "model": model_name}
         view = ((frames[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
         log.info("FastGen world session started for %s: %s, world %d, %d steps per chunk of %d", client_id, model_name,
                  world_seed, steps, chunk)

@@ -57,8 +57,11 @@ class Page:
         mark = len(self.events)
         async with self.http.post(f"{self.comfy.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}) as r:
             assert r.status == 200, await r.text()
-        return await self.wait_for(lambda e: e["type"] == "executed" and "fastgen_world" in (e["data"].get("output") or {}),
-                                   after=mark)
+        started = await self.wait_for(lambda e: e["type"] == "fastgen.world.started", after=mark)
+        executed = await self.wait_for(lambda e: e["type"] == "executed" and "fastgen_world" in (e["data"].get("output") or {}),
+                                       after=mark)
+        assert "session" not in executed["data"]["output"]["fastgen_world"][0], "the token must not reach the history"
+        return started
 
     async def wait_for(self, match, timeout=60.0, after=0):
         for _ in range(int(timeout / 0.05)):
@@ -80,8 +83,10 @@ class Page:
 def test_session_streams_to_its_page_and_obeys_the_routes(comfy):
     async def play():
         async with Page(comfy) as page, Page(comfy) as other:
-            info = (await page.queue(session_prompt()))["data"]["output"]["fastgen_world"][0]
+            info = (await page.queue(session_prompt()))["data"]
             token = info["session"]
+            # no other client can learn the token: the shared history and queue never hold it
+            assert token not in json.dumps(comfy.get("/history")) and token not in json.dumps(comfy.get("/queue"))
             assert info["actions"] == ["none", "up", "down", "left", "right", "jump"] and info["steps"] == 2
             await page.wait_for(lambda e: e["type"] == "fastgen.world.frames" and e["data"]["first"] >= 8)
             first = page.frames(token)[0]
@@ -120,7 +125,7 @@ def test_session_streams_to_its_page_and_obeys_the_routes(comfy):
 
 def test_queuing_again_replaces_the_pages_session_and_the_same_actions_give_the_same_frames(comfy):
     async def run_once(page, actions):
-        info = (await page.queue(session_prompt(seed=5)))["data"]["output"]["fastgen_world"][0]
+        info = (await page.queue(session_prompt(seed=5)))["data"]
         token = info["session"]
         for action in actions:
             await page.post("/fastgen/world/action", {"session": token, "action": action})
@@ -142,8 +147,9 @@ def test_queuing_again_replaces_the_pages_session_and_the_same_actions_give_the_
     asyncio.run(play())
 
 
-def test_without_a_page_the_node_says_so(comfy):
-    status, body = comfy.post("/prompt", {"prompt": session_prompt()})
+@pytest.mark.parametrize("client_id", [None, "a-client-with-no-open-websocket"])
+def test_without_a_page_the_node_says_so(comfy, client_id):
+    status, body = comfy.post("/prompt", {"prompt": session_prompt(), **({"client_id": client_id} if client_id else {})})
     assert status == 200
     import time
 
@@ -152,8 +158,9 @@ def test_without_a_page_the_node_says_so(comfy):
         if body["prompt_id"] in history:
             break
         time.sleep(0.1)
-    messages = json.dumps(history[body["prompt_id"]]["status"])
-    assert "queue it from ComfyUI's page" in messages
+    entry = history[body["prompt_id"]]
+    assert entry["status"]["status_str"] == "error", "a session nobody can watch must not start"
+    assert "queue it from ComfyUI's page" in json.dumps(entry["status"])
 
 
 def artifacts_dir():

@@ -168,6 +168,8 @@ app.registerExtension({
     const forNode = (detail) => app.graph?.getNodeById(Number(detail.node))?.fastgenWorld;
     api.addEventListener("fastgen.world.frames", (e) => forNode(e.detail)?.receive(e.detail));
     api.addEventListener("fastgen.world.stopped", (e) => forNode(e.detail)?.stopped(e.detail));
+    // the session token comes to this page alone (not in the node's output, which the history shares)
+    api.addEventListener("fastgen.world.started", (e) => forNode(e.detail)?.started(e.detail));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== "FastGenWorldSession") return;
@@ -178,12 +180,6 @@ app.registerExtension({
       const widget = this.addDOMWidget("world_canvas", "fastgen_world", this.fastgenWorld.root, { serialize: false });
       widget.computeSize = (width) => [width, 64 * SCALE + 120];
       this.setSize([Math.max(this.size[0], 64 * SCALE + 40), this.computeSize()[1]]);
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, [message]);
-      const info = message?.fastgen_world?.[0];
-      if (info) this.fastgenWorld?.started(info);
     };
     const onRemoved = nodeType.prototype.onRemoved;
     nodeType.prototype.onRemoved = function () {
