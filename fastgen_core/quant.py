@@ -43,6 +43,7 @@ import copy
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import types
@@ -1033,6 +1034,10 @@ def save_quantized(path: str, state_dict: dict[str, torch.Tensor], bank: LayerQu
         save_file(tensors, tmp, metadata=meta)
 
 
+# The dtypes a saved layer may be restored to: a closed list, never a name looked up on torch.
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def read_quant_info(metadata: dict) -> dict | None:
     if QUANT_KEY not in metadata:
         return None
@@ -1040,7 +1045,16 @@ def read_quant_info(metadata: dict) -> dict | None:
         info = json.loads(metadata[QUANT_KEY])
         get_format(info["format"])
         info["layers"], info["weights"]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        if not isinstance(info["weights"], dict):
+            raise TypeError("'weights' is not a mapping")
+        for name, spec in info["weights"].items():
+            shape = spec["shape"]
+            if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+                raise ValueError(f"layer {name!r}: shape {shape!r} is not a list of positive sizes")
+            if spec["dtype"] not in WEIGHT_DTYPES:
+                raise ValueError(f"layer {name!r}: dtype {spec['dtype']!r} is not one of {sorted(WEIGHT_DTYPES)}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"malformed '{QUANT_KEY}' metadata: {err}") from None
     return info
 
@@ -1053,7 +1067,10 @@ def load_quantized(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, 
     from .checkpoint import read_metadata
 
     metadata = read_metadata(path)
-    info = read_quant_info(metadata)
+    try:
+        info = read_quant_info(metadata)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if info is None:
         raise ValueError(f"{path} is not a FastGen quantized model (no '{QUANT_KEY}' metadata)")
     tensors = load_file(path)
@@ -1064,11 +1081,20 @@ def load_quantized(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, 
         stored = {s: tensors.pop(f"{prefix}{name}.{s}") for s in ("weight", "weight_scale") if f"{prefix}{name}.{s}" in tensors}
         if "weight" not in stored:
             raise ValueError(f"{path}: the quantized weight of {name} is missing")
-        weight = decompress_from_file(stored, fmt, spec["shape"], torch.float32)
+        # the header's shape against what the file holds, before anything that size is made
+        packed = 2 if fmt.weight_bits == 4 and "weight_scale" in stored and stored["weight"].dtype == torch.uint8 else 1
+        if math.prod(spec["shape"]) != packed * stored["weight"].numel():  # int4: two values a byte
+            raise ValueError(f"{path}: {name}'s header shape {spec['shape']} does not fit its stored "
+                             f"{list(stored['weight'].shape)} {fmt.name} weight (a damaged or edited file)")
+        try:
+            weight = decompress_from_file(stored, fmt, spec["shape"], torch.float32)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{path}: the quantized weight of {name} does not unpack to {spec['shape']}: "
+                             f"{str(err).splitlines()[0]}") from None
         pre_quant_scale = state.get(f"{name}.weight_quantizer._pre_quant_scale")
         if pre_quant_scale is not None:  # stored in the scaled space (see LayerQuantizers.quantized_weight)
             weight = weight / pre_quant_scale.float()
-        tensors[f"{prefix}{name}.weight"] = weight.to(getattr(torch, spec["dtype"]))
+        tensors[f"{prefix}{name}.weight"] = weight.to(WEIGHT_DTYPES[spec["dtype"]])
     return tensors, info, state, metadata
 
 

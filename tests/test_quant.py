@@ -473,3 +473,32 @@ def test_layers_without_a_compiled_path_break_the_graph_without_recompiling():
         compiled = one_call(torch.compile(net))
     assert sum(map(len, guard_failures.values())) == 0
     assert relative_error(compiled, eager) < 0.02
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    (lambda spec: spec.update(dtype="Tensor"), "dtype 'Tensor' is not one of"),
+    (lambda spec: spec.update(shape=[200000, 200000]), "does not fit its stored"),
+    (lambda spec: spec.update(shape=[-1, 4]), "not a list of positive sizes"),
+    (lambda spec: spec.update(shape=[7, 3]), "does not fit its stored"),  # modelopt would silently truncate
+])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_an_edited_quant_header_is_refused_naming_the_file_and_layer(tmp_path, tamper, reason, fmt):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    net = checkpoint.load_network(TEACHER)[0]
+    path = str(tmp_path / "q.safetensors")
+    quant.save_quantized(path, net.state_dict(), quant.quantize_model(net, fmt))
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(metadata[quant.QUANT_KEY])
+    layer = sorted(info["weights"])[0]
+    tamper(info["weights"][layer])
+    metadata[quant.QUANT_KEY] = json.dumps(info)
+    edited = str(tmp_path / "edited.safetensors")
+    save_file(tensors, edited, metadata=metadata)
+    with pytest.raises(ValueError, match=reason) as err:
+        quant.load_quantized(edited)
+    assert "edited.safetensors" in str(err.value)
