@@ -72,6 +72,20 @@ class LoadLines(logging.Handler):
             self.lines.append(f"{match[1].replace('torch.', '')}/{match[2].replace('torch.', '')}")
 
 
+class PageStandIn:
+    """The websocket of a page that queued the prompts: messages to it are accepted and dropped (the
+    host still encodes them), and nodes that stream to the queuing page see it connected."""
+
+    async def send_json(self, data):
+        pass
+
+    async def send_bytes(self, data):
+        pass
+
+    async def send_str(self, data):
+        pass
+
+
 class Host:
     def __init__(self, comfy_path: str, base: str, host_args: list[str]):
         sys.argv = [os.path.join(comfy_path, "main.py"), "--base-directory", base, "--database-url", "sqlite:///:memory:",
@@ -98,6 +112,7 @@ class Host:
         _, self.server, _ = main.start_comfyui(self.loop)
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self.server.publish_loop(), self.loop)
+        self.server.sockets[CLIENT] = PageStandIn()
         self.args, self.mm, self.execution = comfy.cli_args.args, comfy.model_management, execution
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
         self.load_lines = LoadLines()
@@ -122,7 +137,11 @@ class Host:
         self.args.fp16_unet, self.args.bf16_unet = name == "fp16", name == "bf16"
 
     def fresh(self):
-        """Forget cached outputs and loaded models (the next prompt loads its models anew)."""
+        """Forget cached outputs and loaded models (the next prompt loads its models anew). The page
+        closes and reopens first, so that a World Session from an earlier prompt stops playing."""
+        self.server.sockets.pop(CLIENT, None)
+        time.sleep(1.0)
+        self.server.sockets[CLIENT] = PageStandIn()
         self.executor.reset()
         self.mm.unload_all_models()
         gc.collect()

@@ -45,7 +45,7 @@ def test_dmd_node_trains_saves_and_returns_the_student(comfy):
     assert (recipe.method, recipe.steps, recipe.sigmas, recipe.family) == ("dmd2", 2, [1.0, 0.5], "fastgen-digits")
     assert recipe.teacher == "embedded/digit_teacher.safetensors"
     assert all(k.startswith("diffusion_model.blocks.") for k in keys)
-    assert os.path.isfile(path[: -len(".safetensors")] + ".resume.pt")
+    assert os.path.isfile(path[: -len(".safetensors")] + ".fastgen-resume")
 
     # the saved LoRA loads in the host's own LoraLoader with nothing left over, and in ours with its recipe
     log_before = len(comfy.log())
@@ -177,7 +177,7 @@ def test_cancel_stops_at_the_next_iteration_and_leaves_a_resumable_checkpoint(co
 
     seconds = asyncio.run(run_and_cancel())
     assert seconds < 10, f"cancel took {seconds:.1f} s"
-    checkpoint = os.path.join(comfy.base, "models", "loras", "fastgen", "cancelled.resume.pt")
+    checkpoint = os.path.join(comfy.base, "models", "loras", "fastgen", "cancelled.fastgen-resume")
     reached = torch.load(checkpoint, weights_only=True)["iteration"]
     assert 3 <= reached < 100000
     _, entry = run_latent(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2, resume=True))

@@ -44,9 +44,11 @@ def test_workflow_runs_when_the_host_computes_in_half_precision(half_comfy, path
     object_info = half_comfy.get("/object_info")
     with open(path) as f:
         workflow = json.load(f)
-    entry = half_comfy.run_prompt(_short(runnable_here(ui_to_api(workflow, object_info))), timeout=600)
+    entry, _, _ = half_comfy.run_prompt_watching(_short(runnable_here(ui_to_api(workflow, object_info))), timeout=600)
     files = half_comfy.output_files(entry)
     assert files and all(os.path.getsize(p) > 0 for p in files)
+    if "FastGenWorldSession" in json.dumps(workflow):
+        return  # plays its own network beside the host's model management: no host load to check
     # the models really ran in half precision, with no fp32 manual cast
     loads = re.findall(r"model weight dtype (\S+), manual cast: (\S+)", half_comfy.log())
     assert loads and all(dtype == DTYPES[half_comfy.compute_dtype] and cast == "None" for dtype, cast in loads), loads
