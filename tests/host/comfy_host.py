@@ -173,6 +173,20 @@ class ComfyServer:
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
 
+    def run_prompt_from_page(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Run a prompt with a page's websocket open while it runs (as a user queues it), closed as
+        soon as it is done; returns the history entry."""
+        import asyncio
+
+        import aiohttp
+
+        async def run():
+            client_id = uuid.uuid4().hex
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"{self.url}/ws?clientId={client_id}"):
+                return await asyncio.get_running_loop().run_in_executor(None, lambda: self.run_prompt(prompt, timeout, client_id))
+
+        return asyncio.run(run())
+
     def run_prompt_watching(self, prompt: dict, timeout: float = 300.0) -> tuple[dict, list, int]:
         """Run a prompt while listening on the websocket as the page does: returns the history
         entry, the JSON events received and the number of binary preview frames."""

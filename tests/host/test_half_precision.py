@@ -44,7 +44,7 @@ def test_workflow_runs_when_the_host_computes_in_half_precision(half_comfy, path
     object_info = half_comfy.get("/object_info")
     with open(path) as f:
         workflow = json.load(f)
-    entry, _, _ = half_comfy.run_prompt_watching(_short(runnable_here(ui_to_api(workflow, object_info))), timeout=600)
+    entry = half_comfy.run_prompt_from_page(_short(runnable_here(ui_to_api(workflow, object_info))), timeout=600)
     files = half_comfy.output_files(entry)
     assert files and all(os.path.getsize(p) > 0 for p in files)
     if "FastGenWorldSession" in json.dumps(workflow):

@@ -53,7 +53,7 @@ def test_workflow_converts_and_runs(comfy, object_info, path):
         workflow = json.load(f)
     assert missing_node_types(workflow, object_info) == []
     # with a page's websocket open, as a user queues it (the World Session refuses a prompt nobody watches)
-    entry, _, _ = comfy.run_prompt_watching(runnable_here(ui_to_api(workflow, object_info)))
+    entry = comfy.run_prompt_from_page(runnable_here(ui_to_api(workflow, object_info)))
     files = comfy.output_files(entry)
     assert files and all(os.path.getsize(p) > 0 for p in files)
 
