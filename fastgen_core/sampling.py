@@ -214,9 +214,9 @@ def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, al
             x_s = alpha(sigma_s) * denoised + sigma_s * eps
             # forward diffusion from s to sigma_next: scale by the alpha ratio, add the missing variance
             ratio = alpha(sigma_next) / alpha(sigma_s)
-            fresh = (sigma_next**2 - (ratio * sigma_s) ** 2).clamp(min=0).sqrt()
             x = ratio * x_s
             if gamma > 0:  # gamma = 0 lands on sigma_next already: no noise to add (or to draw)
+                fresh = (sigma_next**2 - (ratio * sigma_s) ** 2).clamp(min=0).sqrt()
                 x = x + fresh * _noise_like(x, generator)
         _report(callback, i, x, sigma, denoised)
     return x

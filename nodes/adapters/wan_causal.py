@@ -224,10 +224,9 @@ def _compiled_block(mode: str | None = None):
     once more. `mode` "reduce-overhead" also replays the compiled pieces as CUDA graphs. The default
     mode also fuses each FFN's Linear + GELU (`linear_gelu_pass`; torch.compile takes options or a
     mode, not both)."""
-    if mode is not None:
-        return torch.compile(_call_block, mode=mode)
-    options = {"pre_grad_custom_pass": linear_gelu_pass()} if FUSE_LINEAR_GELU else {}
-    return torch.compile(_call_block, options=options)
+    if mode is None and FUSE_LINEAR_GELU:
+        return torch.compile(_call_block, options={"pre_grad_custom_pass": linear_gelu_pass()})
+    return torch.compile(_call_block, mode=mode)
 
 
 @functools.cache
