@@ -1,13 +1,12 @@
-"""The core as a GPU runs it: tensors on another device than the CPU, and half-precision
-activations beside fp32 trainable weights. Both broke nodes on the first GPU run while every CPU
-test passed; here a simulated device (tests/simulated_device.py) and bf16 / fp16 networks make
-the same mistakes fail on a CPU."""
+"""The core as a GPU runs it: tensors on another device than the CPU. Made on the CPU, they broke
+nodes on the first GPU run while every CPU test passed; a simulated device
+(tests/simulated_device.py) makes the same mistake fail on a CPU. (Half-precision activations
+beside fp32 trainable weights: tests/test_distill.py.)"""
 
 import pytest
 import torch
 
-from fastgen_core import checkpoint, distill, sampling, train, world
-from fastgen_core.networks import NULL_CLASS, DigitDiT, DigitDiTConfig, class_conditioning
+from fastgen_core import checkpoint, sampling, train, world
 from tests.simulated_device import DEVICE, SimulatedDevice, on_device, values
 
 
@@ -66,48 +65,3 @@ def test_world_rollout_runs_on_the_device_of_its_model():
         assert all(c.device == DEVICE for c in chunks)
     for got, want in zip(chunks, expected, strict=True):
         torch.testing.assert_close(values(got), want, rtol=1e-5, atol=1e-5)
-
-
-class HalfPrecisionHost(torch.nn.Module):
-    """A network held as a GPU host holds it: weights in `dtype`, inputs cast to it, the output
-    returned in fp32 (ComfyUI's BaseModel.apply_model does the same)."""
-
-    def __init__(self, net, dtype):
-        super().__init__()
-        self.net = net.to(dtype)
-        self.dtype = dtype
-
-    def forward(self, x, t, c=None, **kwargs):
-        c = c.to(self.dtype) if c is not None else None
-        return self.net(x.to(self.dtype), t.to(self.dtype), c, **kwargs).float()
-
-
-def _teacher(seed=0):
-    net = DigitDiT(DigitDiTConfig(dim=32, depth=2, heads=2))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net
-
-
-def _conditions(batch, generator):
-    labels = torch.randint(0, 10, (batch,), generator=generator)
-    return class_conditioning(labels)[:, 0], class_conditioning([NULL_CLASS] * batch)[:, 0]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dmd_trains_fp32_adapters_on_a_half_precision_teacher(dtype):
-    pytest.importorskip("modelopt.torch.fastgen")
-    host = HalfPrecisionHost(_teacher(), dtype)
-    switch, adapters = distill.attach_lora(host.net, rank=4)
-    settings = distill.DistillSettings(steps=2, batch=2, student_update_freq=1, lr=1e-2, fake_lr=1e-2, seed=0)
-    trainer = distill.DMDTrainer(host, switch, adapters, settings, _conditions)
-    before = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
-    for _ in range(2):
-        record = trainer.train_step()
-        assert all(torch.isfinite(torch.tensor(v)) for k, v in record.items() if k != "iteration")
-    after = distill.lora_state_dict(adapters[distill.STUDENT])
-    assert all(a.dtype == torch.float32 for a in after.values())
-    assert any(not torch.equal(before[k], after[k]) for k in before), "the student adapters did not train"
-    assert all(p.dtype == dtype for name, p in host.net.named_parameters() if ".adapters." not in name)

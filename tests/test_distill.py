@@ -298,3 +298,36 @@ def test_training_state_and_partial_writes_are_not_named_like_models(tmp_path):
     legacy.write_bytes(b"state")
     moved = distill.default_checkpoint_path(str(tmp_path / "old.safetensors"))
     assert not legacy.exists() and open(moved, "rb").read() == b"state"
+
+
+# --- the fp16 / bf16 teacher a GPU host runs (the first GPU run failed: fp32 adapters on fp16 activations)
+
+
+class HalfPrecisionHost(torch.nn.Module):
+    """A network held as a GPU host holds it: weights in `dtype`, inputs cast to it, the output
+    returned in fp32 (ComfyUI's BaseModel.apply_model does the same)."""
+
+    def __init__(self, net, dtype):
+        super().__init__()
+        self.net = net.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x, t, c=None, **kwargs):
+        c = c.to(self.dtype) if c is not None else None
+        return self.net(x.to(self.dtype), t.to(self.dtype), c, **kwargs).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dmd_trains_fp32_adapters_on_a_half_precision_teacher(dtype):
+    host = HalfPrecisionHost(teacher_net(), dtype)
+    switch, adapters = distill.attach_lora(host.net, rank=4)
+    settings = distill.DistillSettings(steps=2, batch=2, student_update_freq=1, lr=1e-2, fake_lr=1e-2, seed=0)
+    trainer = distill.DMDTrainer(host, switch, adapters, settings, conditions)
+    before = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
+    for _ in range(2):
+        record = trainer.train_step()
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in record.items() if k != "iteration")
+    after = distill.lora_state_dict(adapters[distill.STUDENT])
+    assert all(a.dtype == torch.float32 for a in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student adapters did not train"
+    assert all(p.dtype == dtype for name, p in host.net.named_parameters() if ".adapters." not in name)
