@@ -388,8 +388,15 @@ class DMDTrainer:
         with atomic_path(path) as tmp:
             torch.save(self.state(), tmp)
 
-    def load_checkpoint(self, path: str):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load_checkpoint(self, path: str, state: dict | None = None):
+        """Continue from a saved training state (`state`: the file already read by `read_checkpoint`).
+        The state is checked against these adapters first: a run saved at another rank or for
+        another model is refused with the reason, not a tensor-size error halfway through."""
+        state = read_checkpoint(path) if state is None else state
+        rank = next(iter(self.adapters[STUDENT].values())).rank
+        check_checkpoint_rank(state, rank, path)
+        for name, key in ((STUDENT, "student"), (FAKE, "fake")):
+            _check_checkpoint_layers(state[key], self.adapters.get(name, {}), path, key)
         if FAKE not in self.adapters:
             self.fake_score.load_state_dict(state["fake"])
         for name, key in ((STUDENT, "student"), (FAKE, "fake")):
@@ -399,6 +406,10 @@ class DMDTrainer:
                 adapter.up.weight.data.copy_(state[key][f"{prefix}.lora_up.weight"])
         self.student_opt.load_state_dict(state["student_opt"])
         self.fake_opt.load_state_dict(state["fake_opt"])
+        # the optimizer states carry the learning rates of the saved run: this run's settings win
+        for optimizer, lr in ((self.student_opt, self.settings.lr), (self.fake_opt, self.settings.fake_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
@@ -455,6 +466,54 @@ def student_recipe(settings: DistillSettings, family: str, teacher: str | None, 
     if as_sigmas:
         return Recipe(**common, sigmas=[float(t) for t in t_list], shift=None)
     return Recipe(**common, timesteps=[round(t * 1000) for t in t_list], shift=shift)
+
+
+CHECKPOINT_KEYS = ("iteration", "student", "fake", "student_opt", "fake_opt", "rng", "generator", "history")
+
+
+def read_checkpoint(path: str) -> dict:
+    """A training state `DMDTrainer.save_checkpoint` wrote (tensors only: nothing in it runs code),
+    or a ValueError naming the file when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises several kinds for damaged or foreign files
+        raise ValueError(f"{path} is not a readable FastGen training state (damaged or cut short?): "
+                         f"{str(err).splitlines()[0]}") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing or not isinstance(state["student"], dict) or not state["student"]:
+        raise ValueError(f"{path} is not a FastGen DMD training state (it lacks {', '.join(missing) or 'student LoRA weights'})")
+    return state
+
+
+def checkpoint_rank(state: dict) -> int:
+    """The LoRA rank a saved run trained at (the first student layer's down-projection rows)."""
+    key = next(k for k in state["student"] if k.endswith(".lora_down.weight"))
+    return int(state["student"][key].shape[0])
+
+
+def check_checkpoint_rank(state: dict, rank: int, path: str):
+    trained = checkpoint_rank(state)
+    if trained != rank:
+        raise ValueError(f"{path} was trained at lora_rank {trained} (stopped at iteration {int(state['iteration'])}), "
+                         f"and this run asks for rank {rank}: set lora_rank to {trained} to resume it, or turn resume "
+                         f"off and choose another save_name to start a new run at rank {rank}")
+
+
+def _check_checkpoint_layers(saved: dict, adapters: dict, path: str, what: str):
+    """Every adapter has its weights in the saved state, at its own size."""
+    for module_path, adapter in adapters.items():
+        prefix = f"diffusion_model.{module_path}"
+        for suffix, weight in ((".lora_down.weight", adapter.down.weight), (".lora_up.weight", adapter.up.weight)):
+            found = saved.get(prefix + suffix)
+            if found is None:
+                raise ValueError(f"{path} was saved for another model: its {what} LoRA has no weights for the layer "
+                                 f"{module_path}; resume with the teacher it was trained on, or turn resume off")
+            if tuple(found.shape) != tuple(weight.shape):
+                raise ValueError(f"{path} was saved for another model: its {what} LoRA's {module_path}{suffix} is "
+                                 f"{list(found.shape)}, this model's is {list(weight.shape)}; resume with the teacher "
+                                 "it was trained on, or turn resume off")
 
 
 RESUME_SUFFIX = ".fastgen-resume"  # not a model extension: the host's LoRA lists do not show it

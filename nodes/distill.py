@@ -9,6 +9,7 @@ host's loras folder (ComfyUI keys + the student's recipe), which LoraLoader and 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -25,6 +26,8 @@ from ..fastgen_core import distill, images, sampling
 from .adapters import save_paths
 from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
 from .world_session import prompt_server
+
+log = logging.getLogger("fastgen")
 
 LOSS_EVENT = "fastgen.distill.loss"
 SAVE_EXAMPLE = "fastgen/my_student"
@@ -149,6 +152,45 @@ def resolve_save_path(save_name: str, allow_existing: bool) -> str:
                                         "choose another save_name, or set resume to continue that run")
 
 
+def lora_name(path: str) -> str:
+    """A path in the first loras folder as the host's LoRA lists name it."""
+    return os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
+
+
+def resume_state(checkpoint_path: str, resume: bool, lora_rank: int) -> dict | None:
+    """The saved training state to continue (read and checked before any work), or None for a new
+    run, which must not silently replace the state of an unfinished one."""
+    if not resume:
+        if os.path.exists(checkpoint_path):
+            raise ValueError(f"{save_paths.shown_path(checkpoint_path)} holds the training state of an earlier run under "
+                             "this save_name: turn resume on to continue it, or choose another save_name")
+        return None
+    if not os.path.isfile(checkpoint_path):
+        raise ValueError(f"nothing to resume: {save_paths.shown_path(checkpoint_path)} does not exist")
+    with torch.inference_mode(False):  # the host runs nodes in inference mode: its tensors could not be trained on
+        state = distill.read_checkpoint(checkpoint_path)
+    distill.check_checkpoint_rank(state, lora_rank, save_paths.shown_path(checkpoint_path))
+    return state
+
+
+def stopped_message(lora_path: str, checkpoint_path: str, reached: int, iterations: int) -> str:
+    """What a cancelled run kept and how to continue it (the host itself only says 'interrupted')."""
+    if os.path.exists(lora_path):
+        lora = f"{lora_name(lora_path)} still holds the LoRA of the earlier, finished run"
+    else:
+        lora = f"no LoRA was saved as {lora_name(lora_path)} (an unfinished student never takes the final name)"
+    return (f"FastGen DMD Distill cancelled at iteration {reached} of {iterations}: {lora}. The training state of "
+            f"iteration {reached} is kept in {save_paths.shown_path(checkpoint_path)}: queue again with resume on "
+            "(same save_name and lora_rank) to continue from there.")
+
+
+def tell_page(events: LossEvents, text: str):
+    """A message for the log and, as the node's progress text, for the page that queued the graph."""
+    log.warning("%s", text)
+    if events.server is not None and events.client and hasattr(events.server, "send_progress_text"):
+        events.server.send_progress_text(text, events.node_id, events.client)
+
+
 def model_conds(base, conditioning, name: str, latent_shape, device) -> list[dict]:
     """One dict of apply_model inputs per prompt, made by the host's own `extra_conds` (as its
     samplers do), with tensors cloned out of inference mode so autograd can use them."""
@@ -184,7 +226,8 @@ class FastGenDistillDMD(io.ComfyNode):
             category="FastGen/train",
             description="Distribution-matching distillation (DMD2, through nvidia-modelopt) of a teacher (flow matching, or "
             "discrete eps / v-prediction) into a few-step LoRA student: the student and the fake score are two LoRAs on the "
-            "teacher's own weights. Saves the LoRA (with its recipe) in models/loras and returns the student MODEL.",
+            "teacher's own weights. Saves the LoRA (with its recipe) in models/loras when it finishes and returns the student "
+            "MODEL; cancelled, it keeps a resumable training state and no LoRA.",
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: a flow-matching MODEL (the embedded models, Wan, SD3, Flux) "
                                "or a discrete eps / v-prediction one (SD1.5, SDXL)."),
@@ -204,9 +247,12 @@ class FastGenDistillDMD(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seeds the LoRAs, the prompts drawn and all noise."),
                 io.String.Input("save_name", default="fastgen/dmd_student", tooltip="Where the LoRA goes, relative to "
-                                "models/loras ('.safetensors' added). An existing file is never overwritten unless resuming."),
-                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (its .fastgen-resume "
-                                 "checkpoint, written every 50 iterations and when cancelled)."),
+                                "models/loras ('.safetensors' added), written only when the run finishes. An existing file "
+                                "is never overwritten unless resuming."),
+                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name: its .fastgen-resume "
+                                 "training state beside the LoRA, written every 50 iterations, at the end and when cancelled. "
+                                 "A cancelled run saves no LoRA; the node and the log say where its state is and at which "
+                                 "iteration it stopped. Resume with the same lora_rank (and teacher)."),
                 io.String.Input("student_timesteps", default="", optional=True, tooltip="The student's noise levels as "
                                 "timesteps 0..1000 in the model's own schedule, e.g. '999, 749, 499, 249'. Empty: evenly "
                                 "spaced from the top (DMD2 SDXL's 999, 749, 499, 249; for flow models 1000, 750, 500, 250 "
@@ -238,8 +284,7 @@ class FastGenDistillDMD(io.ComfyNode):
         timesteps, sigmas = student_schedule(model_sampling, student_steps, student_timesteps)
         lora_path = resolve_save_path(save_name, allow_existing=resume)
         checkpoint_path = distill.default_checkpoint_path(lora_path)
-        if resume and not os.path.isfile(checkpoint_path):
-            raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
+        saved_state = resume_state(checkpoint_path, resume, lora_rank)
 
         comfy.model_management.load_models_gpu([model])
         base = model.model
@@ -269,8 +314,8 @@ class FastGenDistillDMD(io.ComfyNode):
                 if gradient_checkpointing:
                     distill.enable_gradient_checkpointing(base.diffusion_model, switch)
                 trainer = distill.DMDTrainer(HostDenoiser(base, pos + neg), switch, adapters, settings, conditions)
-                if resume:
-                    trainer.load_checkpoint(checkpoint_path)
+                if saved_state is not None:
+                    trainer.load_checkpoint(checkpoint_path, saved_state)
 
                 cancelled = []
                 live_chart = LossEvents(cls.hidden.unique_id if cls.hidden else None, iterations)
@@ -293,18 +338,20 @@ class FastGenDistillDMD(io.ComfyNode):
                 status = trainer.run(iterations, checkpoint_path=checkpoint_path, checkpoint_every=50, callback=report,
                                      should_stop=should_stop)
                 live_chart.flush()
-                trainer.publish_ema()
-                # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
-                recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model), as_sigmas=flow,
-                                                prediction="flow" if flow else host_prediction(model_sampling),
-                                                timesteps=None if flow else timesteps)
-                distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)
-                lora = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
-                history = trainer.history
+                if status == "done":  # a stopped run's student is unfinished: it never takes the final name
+                    trainer.publish_ema()
+                    # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
+                    recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model),
+                                                    as_sigmas=flow, prediction="flow" if flow else host_prediction(model_sampling),
+                                                    timesteps=None if flow else timesteps)
+                    distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)
+                    lora = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
+                history, reached = trainer.history, trainer.iteration
             finally:
                 distill.disable_gradient_checkpointing(base.diffusion_model)
                 distill.detach_lora(base.diffusion_model)
         if status == "stopped":
+            tell_page(live_chart, stopped_message(lora_path, checkpoint_path, reached, iterations))
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
 
@@ -312,7 +359,7 @@ class FastGenDistillDMD(io.ComfyNode):
         student.add_patches(comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(base, {}), log_missing=False), 1.0)
         chart = images.line_chart({"fake_score": [r["fake_score"] for r in history],
                                    "vsd": [r["vsd"] for r in history if "vsd" in r]})
-        text = f"{len(history)} iterations; saved {os.path.relpath(lora_path, folder_paths.get_folder_paths('loras')[0])}"
+        text = f"{len(history)} iterations; saved {lora_name(lora_path)} ({save_paths.shown_path(lora_path)})"
         return io.NodeOutput(with_recipe(student, recipe), lora, chart[None], ui=ui.PreviewText(text))
 
     @staticmethod

@@ -99,6 +99,52 @@ def test_resume_continues_to_bit_identical_weights(tmp_path):
     assert [r["fake_score"] for r in straight.history] == [r["fake_score"] for r in resumed.history]
 
 
+def test_resume_refuses_another_rank_or_model_before_training(tmp_path):
+    """A saved state that does not fit the run is refused with its cause and what to do, not with
+    a tensor-size error from inside the optimizer."""
+    path = str(tmp_path / "run.fastgen-resume")
+    saved = trainer()
+    saved.run(2, checkpoint_path=path)
+    state = distill.read_checkpoint(path)
+    assert distill.checkpoint_rank(state) == 4
+
+    net = teacher_net()
+    switch, adapters = distill.attach_lora(net, rank=8)
+    other_rank = distill.DMDTrainer(net, switch, adapters, distill.DistillSettings(steps=4, batch=4), conditions)
+    with pytest.raises(ValueError, match=r"run.fastgen-resume was trained at lora_rank 4 \(stopped at iteration 2\), "
+                                         r"and this run asks for rank 8: set lora_rank to 4"):
+        other_rank.load_checkpoint(path)
+    assert other_rank.iteration == 0
+
+    wider = DigitDiT(DigitDiTConfig(dim=64, depth=2, heads=2))
+    switch, adapters = distill.attach_lora(wider, rank=4)
+    other_model = distill.DMDTrainer(wider, switch, adapters, distill.DistillSettings(steps=4, batch=4), conditions)
+    with pytest.raises(ValueError, match=r"was saved for another model: its student LoRA's blocks.0.qkv.lora_down.weight "
+                                         r"is \[4, 32\], this model's is \[4, 64\]"):
+        other_model.load_checkpoint(path)
+
+
+def test_unreadable_training_states_are_refused_naming_the_file(tmp_path):
+    damaged = tmp_path / "cut.fastgen-resume"
+    damaged.write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(ValueError, match="cut.fastgen-resume is not a readable FastGen training state"):
+        distill.read_checkpoint(str(damaged))
+    foreign = tmp_path / "foreign.fastgen-resume"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="foreign.fastgen-resume is not a FastGen DMD training state"):
+        distill.read_checkpoint(str(foreign))
+
+
+def test_resume_trains_at_this_runs_learning_rate(tmp_path):
+    """The optimizer states carry the saved run's learning rate; the node's own input wins."""
+    path = str(tmp_path / "lr.fastgen-resume")
+    trainer(lr=1e-3).run(2, checkpoint_path=path)
+    resumed = trainer(lr=5e-5, fake_lr=2e-4)
+    resumed.load_checkpoint(path)
+    assert [g["lr"] for g in resumed.student_opt.param_groups] == [5e-5]
+    assert [g["lr"] for g in resumed.fake_opt.param_groups] == [2e-4]
+
+
 def test_non_finite_loss_stops_with_the_last_good_weights(monkeypatch):
     tr = trainer()
     tr.run(2)

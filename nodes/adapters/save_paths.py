@@ -31,3 +31,14 @@ def save_name_problem(save_name: str, example: str) -> str | bool:
     except ValueError as err:
         return str(err)
     return True
+
+
+def shown_path(path: str) -> str:
+    """A file the pack wrote, as messages show it: relative to the ComfyUI folder when inside it
+    (models/unet/..., whichever folder the host's lists put first), else absolute."""
+    base, path = os.path.abspath(folder_paths.base_path), os.path.abspath(path)
+    try:
+        inside = os.path.commonpath([base, path]) == base
+    except ValueError:  # another drive (Windows)
+        inside = False
+    return (os.path.relpath(path, base) if inside else path).replace(os.sep, "/")

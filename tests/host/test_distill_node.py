@@ -14,14 +14,14 @@ from test_students_nodes import SD15, WAN, failure, graph, node_text, run_latent
 from fastgen_core.recipe import RECIPE_KEY, Recipe
 
 
-def distill_graph(save_name, resume=False, iterations=6, seed=0):
+def distill_graph(save_name, resume=False, iterations=6, seed=0, rank=4):
     return {
         "m": {"class_type": "FastGenLoadModel", "inputs": {"model_name": "embedded/digit_teacher.safetensors"}},
         "c": {"class_type": "FastGenDigitConditioning", "inputs": {"digits": "0123456789"}},
         "l": {"class_type": "EmptyChromaRadianceLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
         "d": {"class_type": "FastGenDistillDMD", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["c", 1], "latent": ["l", 0], "student_steps": 2,
-            "iterations": iterations, "learning_rate": 1e-3, "lora_rank": 4, "guidance": 3.0, "update_ratio": 2, "batch_size": 2,
+            "iterations": iterations, "learning_rate": 1e-3, "lora_rank": rank, "guidance": 3.0, "update_ratio": 2, "batch_size": 2,
             "seed": seed, "save_name": save_name, "resume": resume}},
         "chart": {"class_type": "PreviewImage", "inputs": {"images": ["d", 2]}},
         "s": {"class_type": "FastGenStudentSampler", "inputs": {
@@ -34,7 +34,8 @@ def distill_graph(save_name, resume=False, iterations=6, seed=0):
 def test_dmd_node_trains_saves_and_returns_the_student(comfy):
     latent, entry = run_latent(comfy, distill_graph("fastgen/test_student"))
     assert torch.isfinite(latent).all()
-    assert "6 iterations; saved fastgen/test_student.safetensors" in node_text(entry, "d")
+    assert ("6 iterations; saved fastgen/test_student.safetensors (models/loras/fastgen/test_student.safetensors)"
+            in node_text(entry, "d"))
     assert entry["outputs"]["chart"]["images"], "no loss chart"
     assert node_text(entry, "s").startswith("2 steps, cfg 1, multistep_sde, sigmas 1, 0.5, 0")
 
@@ -150,19 +151,27 @@ def test_dmd_node_refuses_timesteps_that_do_not_fit(comfy):
 
 def test_cancel_stops_at_the_next_iteration_and_leaves_a_resumable_checkpoint(comfy):
     """The UI's cancel (POST /interrupt) while the node trains: it stops within an iteration, keeps
-    a checkpoint at the iteration reached, and resuming continues from there."""
+    a checkpoint at the iteration reached, writes no LoRA under the final name (an unfinished one
+    would look complete to every loader), says on the node and in the log which file holds the
+    state and where it stopped; a new run under that name is refused, resuming continues."""
+    import struct
+
     prompt = distill_graph("fastgen/cancelled", iterations=100000)
 
     async def run_and_cancel():
         import aiohttp
 
         client_id = uuid.uuid4().hex
+        texts = []
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as ws:
             async with http.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
                 assert response.status == 200
             cancelled_at = None
             while True:
                 msg = await ws.receive(timeout=120)
+                if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:  # progress text
+                    length = struct.unpack(">I", msg.data[4:8])[0]
+                    texts.append((msg.data[8:8 + length].decode(), msg.data[8 + length:].decode()))
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     continue
                 event = json.loads(msg.data)
@@ -172,16 +181,30 @@ def test_cancel_stops_at_the_next_iteration_and_leaves_a_resumable_checkpoint(co
                     async with http.post(f"{comfy.url}/interrupt", json={}) as response:
                         assert response.status == 200
                 if event["type"] == "execution_interrupted":
-                    return time.time() - cancelled_at
+                    return time.time() - cancelled_at, texts
                 assert event["type"] != "execution_error", event
 
-    seconds = asyncio.run(run_and_cancel())
+    log_before = len(comfy.log())
+    seconds, texts = asyncio.run(run_and_cancel())
     assert seconds < 10, f"cancel took {seconds:.1f} s"
-    checkpoint = os.path.join(comfy.base, "models", "loras", "fastgen", "cancelled.fastgen-resume")
-    reached = torch.load(checkpoint, weights_only=True)["iteration"]
+    folder = os.path.join(comfy.base, "models", "loras", "fastgen")
+    reached = torch.load(os.path.join(folder, "cancelled.fastgen-resume"), weights_only=True)["iteration"]
     assert 3 <= reached < 100000
+    assert not os.path.exists(os.path.join(folder, "cancelled.safetensors")), "an unfinished LoRA took the final name"
+    said = f"cancelled at iteration {reached} of 100000"
+    kept = "models/loras/fastgen/cancelled.fastgen-resume"
+    log = comfy.log()[log_before:]
+    assert said in log and kept in log and "resume on" in log, log[-2000:]
+    assert [node for node, text in texts if said in text and kept in text] == ["d"], texts
+
+    message = failure(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2))
+    assert "holds the training state of an earlier run" in message and "turn resume on" in message
+    message = failure(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2, resume=True, rank=8))
+    assert f"cancelled.fastgen-resume was trained at lora_rank 4 (stopped at iteration {reached})" in message, message
+    assert "set lora_rank to 4" in message and "size of tensor" not in message
     _, entry = run_latent(comfy, distill_graph("fastgen/cancelled", iterations=reached + 2, resume=True))
     assert f"{reached + 2} iterations" in node_text(entry, "d")
+    assert os.path.isfile(os.path.join(folder, "cancelled.safetensors"))
 
 
 def test_losses_stream_to_the_page_while_the_node_trains(comfy):
