@@ -27,6 +27,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, students
 from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, lookup_recipe
+from .adapters import inputs
 from .adapters.embedded import load_digit_model
 from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
 from .loaders import embedded_models, resolve_model_path
@@ -185,11 +186,21 @@ def recipe_sampler(name: str, recipe: Recipe | None):
         return comfy.samplers.KSAMPLER(sampler_function(name, gamma))
     if name in comfy.samplers.SAMPLER_NAMES:
         return comfy.samplers.sampler_object(name)
-    raise ValueError(f"the recipe names sampler {name!r}, which neither FastGen nor this ComfyUI has; choose one on the node")
+    raise ValueError(f"the student's recipe names sampler {name!r}, which neither FastGen nor this ComfyUI has: set the "
+                     f"node's sampler input to one of {inputs.choices_text(SAMPLER_CHOICES[1:])}")
+
+
+def check_choices(sampler: str, scheduler: str):
+    """The node's own sampler / scheduler values (a linked or API-sent value can be anything): a
+    bad one is the node's input's fault, not the recipe's."""
+    for name, value, choices in (("sampler", sampler, SAMPLER_CHOICES), ("scheduler", scheduler, SCHEDULER_CHOICES)):
+        if value not in choices:
+            raise ValueError(f"the node's {name} input {value!r} is not one of its choices: {inputs.choices_text(choices)}")
 
 
 def plan_sampling(model, steps: int, cfg: float, sampler: str, scheduler: str):
     """Settings for one run: the recipe's, with the node's overrides, and warnings for bad overrides."""
+    check_choices(sampler, scheduler)
     recipe, messages = model_recipe(model), []
     if recipe is None:
         unset = [name for name, value in (("steps", steps), ("cfg", cfg), ("sampler", sampler)) if value in (0, "recipe")]
@@ -249,6 +260,10 @@ class FastGenStudentSampler(io.ComfyNode):
             ],
             outputs=[io.Latent.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler: str = "recipe", scheduler: str = "recipe"):
+        return inputs.widget_problem(cls, sampler=sampler, scheduler=scheduler) or True
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,

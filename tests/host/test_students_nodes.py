@@ -203,3 +203,30 @@ def test_student_models_still_take_core_lora_and_easycache(comfy):
     assert torch.isfinite(with_style).all()
     assert node_text(entry, "s").startswith("4 steps, cfg 1, multistep_sde"), "the recipe did not survive the core patches"
     assert not torch.allclose(with_style, run_latent(comfy, graph(plain, ["cache", 0]))[0]), "the core LoRA had no effect"
+
+
+def test_a_bad_sampler_name_is_the_nodes_input_and_refused_before_any_work(comfy):
+    """The host (v0.3.64) does not check a V3 combo's value: a name sent through the API must be
+    refused when the prompt is validated, blaming the node's input and listing its choices."""
+    import json
+
+    for name, value in (("sampler", "bogus"), ("scheduler", "nope")):
+        node = student_sampler(["m", 0])
+        node["inputs"][name] = value
+        status, body = comfy.post("/prompt", {"prompt": graph(load_student("tiny_wan_student.safetensors"), ["m", 0],
+                                                              sampler_node=node)})
+        errors = json.dumps(body.get("node_errors", {}).get("s", {}))
+        assert status == 400 and f"the node's {name} input '{value}' is not one of its choices: recipe" in errors, body
+        assert "recipe names" not in errors
+        assert ("multistep_sde, " if name == "sampler" else "sgm_uniform, ") in errors
+
+
+def test_a_linked_bad_sampler_name_blames_the_node_input():
+    """A value that arrives through a link is not seen by validation: the node says whose it was."""
+    from comfy_host import import_host_in_process, import_pack_module
+
+    students = import_host_in_process(lambda: import_pack_module("nodes.students"))
+    with pytest.raises(ValueError, match=r"the node's sampler input 'bogus' is not one of its choices: recipe, multistep_sde"):
+        students.plan_sampling(None, 0, 0.0, "bogus", "recipe")
+    with pytest.raises(ValueError, match=r"the student's recipe names sampler 'gone', .* set the node's sampler input"):
+        students.recipe_sampler("gone", None)
