@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -489,25 +490,54 @@ def model_flops(host: Host, family: str) -> float:
     return float(counter.get_total_flops())
 
 
-def causal_perf(host: Host, videos: int = 5) -> list[str]:
-    """The Causal Video Sampler node (compile, kept graphs, tiny decoder; Wan-1.3B size, 832x480, 81
-    frames) through the executor, `videos` Queues in this process: the node's own timing report of each
-    (the first compiles, the second captures the kept graphs, later ones replay them: compare those with
-    `benchmarks/causal_video.py --variants compile+chunkgraphs+tiny --warmup-videos 2`)."""
+CAUSAL_SETTINGS = {"compile+kept": (True, "kept"), "compile": (True, "off"), "kept": (False, "kept"), "eager": (False, "off")}
+
+
+def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: str | None = None) -> list[str]:
+    """The Causal Video Sampler node (tiny decoder; Wan-1.3B size, 832x480, 81 frames) through the
+    executor, `videos` Queues per setting of compile / cuda_graphs in this process: the node's own
+    timing report of each (with compile + kept graphs the first compiles, the second captures, later
+    ones replay: compare those with `benchmarks/causal_video.py --variants compile+chunkgraphs+tiny
+    --warmup-videos 2`). The frames go to a sink, not a file: no encoding in the prompt's time.
+    `profile_dir`: one more Queue of the first setting under the profiler, with its GPU idle gaps."""
     from workflow_api import ui_to_api
 
     host.weight_dtype(None)
     host.fresh()
     with open(os.path.join(REPO, "workflows", "causal_video_fast.json")) as f:
         prompt = on_gpu(ui_to_api(json.load(f), host.object_info()), 0, None)
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "FastGenCausalVideoSampler")
+    for node_id in [k for k, v in prompt.items() if v["class_type"] == "SaveAnimatedWEBP"]:
+        prompt[node_id] = {"class_type": "FastGenTestSink", "inputs": {"images": [sampler, 1]}}
     lines = []
-    for i in range(videos):
-        result = host.run(_reseeded(prompt) if i % 2 else prompt)
-        sampler = next((k for k, v in prompt.items() if v["class_type"] == "FastGenCausalVideoSampler"), None)
+
+    def queue(label, p):
+        result = host.run(p)
         text = result["texts"].get(sampler, "").replace("\n", " / ")
-        lines.append(f"causal node, Queue {i + 1}: {'ok' if result['ok'] else 'FAILED ' + result['error']}; prompt "
+        lines.append(f"causal node [{label}]: {'ok' if result['ok'] else 'FAILED ' + result['error']}; prompt "
                      f"{result['seconds']:.2f} s; peak {result['peak_gib']:.1f} GiB; {text}")
         print(lines[-1], flush=True)
+
+    for setting in settings:
+        compile, graphs = CAUSAL_SETTINGS[setting]
+        prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
+        for i in range(videos):
+            queue(f"{setting}, allocator {host.allocator}, Queue {i + 1}", _reseeded(prompt) if i % 2 else prompt)
+    if profile_dir:
+        import gpu_gaps
+
+        compile, graphs = CAUSAL_SETTINGS[settings[0]]
+        prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
+        torch = host.torch
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with gpu_gaps.annotated(), torch.profiler.profile(activities=activities) as prof:
+            queue(f"{settings[0]}, profiled", _reseeded(prompt))
+        os.makedirs(profile_dir, exist_ok=True)
+        path = os.path.join(profile_dir, "causal_trace.json")
+        prof.export_chrome_trace(path)
+        lines += [f"causal node [{settings[0]}, profiled] {line}" for line in gpu_gaps.gap_report(path)]
+        print("\n".join(lines[-20:]), flush=True)
+        subprocess.run(["gzip", "-f", path], check=False)
     return lines
 
 
@@ -560,6 +590,10 @@ def main():
     parser.add_argument("--only", default="", help="regex on workflow file names")
     parser.add_argument("--no-workflows", action="store_true")
     parser.add_argument("--perf", default="", help="comma list of sampler, causal, dmd")
+    parser.add_argument("--causal-settings", default="compile+kept", help="comma list of "
+                        f"{', '.join(CAUSAL_SETTINGS)}: the Causal Video Sampler's compile / cuda_graphs in --perf causal")
+    parser.add_argument("--profile", action="store_true", help="with --perf causal: one more Queue under the profiler; "
+                        "prints where the GPU waits (benchmarks/gpu_gaps.py) and leaves the trace in --out")
     parser.add_argument("--big", action="store_true", help="Wan 2.1 14B for the LoRA workflow, and a Flux-size student")
     parser.add_argument("--dmd-iterations", type=int, default=20)
     parser.add_argument("--host-args", default="", help="more main.py arguments, e.g. --disable-cuda-malloc")
@@ -595,7 +629,9 @@ def main():
         print("| workflow | weights | result | cold s | warm s | peak GiB | host load (weights/manual cast) |", flush=True)
         print("|---|---|---|---|---|---|---|", flush=True)
         results["workflows"] = run_workflows(host, [d for d in args.dtypes.split(",") if d], args.only, args.dmd_iterations)
-    for name, fn in (("sampler", lambda: student_sampler_perf(host, args.big)), ("causal", lambda: causal_perf(host)),
+    profile_dir = (args.out or base) if args.profile else None
+    for name, fn in (("sampler", lambda: student_sampler_perf(host, args.big)),
+                     ("causal", lambda: causal_perf(host, args.causal_settings.split(","), profile_dir=profile_dir)),
                      ("dmd", lambda: dmd_perf(host))):
         if name in perf:
             try:

@@ -200,9 +200,9 @@ def sample_tcd(denoiser, x, sigmas, gamma=0.3, generator=None, callback=None, al
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     sigma_at = sigma_at or (lambda s, fraction: s * fraction)
-    # the step decisions from one host copy of the schedule: comparing the GPU's sigmas (or drawn
-    # amounts) in Python would wait for the GPU at every step
-    levels = [float(s) for s in sigmas]
+    # the step decisions from one host copy of the schedule (one transfer): comparing the GPU's sigmas
+    # (or drawn amounts) in Python would wait for the GPU at every step
+    levels = sigmas.cpu().tolist() if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)

@@ -22,8 +22,9 @@ from PIL import Image
 
 from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
+from .adapters.causal_loop import causal_chunks
 from .adapters.recipes import model_recipe, recipe_sigmas
-from .adapters.wan_causal import WanCausalRun, allocator_note, compute_dtype, make_causal
+from .adapters.wan_causal import WanCausalRun, allocator_note, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
@@ -33,7 +34,7 @@ from .tiny_vae import TinyDecoder, frames_as_images, stream_decoder, to_model_sp
 
 def chunk_decoder(model, vae, tiny_decoder):
     """`decode(chunk LATENT samples)` -> the chunk's IMAGE frames [B*F, H, W, 3] in 0..1 on the
-    decoder's device (`download` brings them over), keeping the decoder's causal state between
+    decoder's device (the loop brings them over), keeping the decoder's causal state between
     chunks: the tiny decoder when given, else the VAE, else None."""
     if tiny_decoder is not None:
         if tiny_decoder.latent_channels != model.model.latent_format.latent_channels:
@@ -45,19 +46,6 @@ def chunk_decoder(model, vae, tiny_decoder):
         full = streaming_decoder(vae)
         return lambda chunk: frames_as_images(vae.process_output(full(chunk.to(vae.device, vae.vae_dtype)).float()), to_cpu=False)
     return None
-
-
-def download(images: torch.Tensor):
-    """Queue the copy of a chunk's frames to the host now; returns a function that waits for that
-    copy alone and gives the CPU tensor. Work queued after this call (the context pass) keeps the
-    GPU busy while the frames come over."""
-    if images.device.type != "cuda":
-        images = images.cpu()
-        return lambda: images
-    host = images.to("cpu", non_blocking=True)  # into pinned memory, in stream order
-    copied = torch.cuda.Event()
-    copied.record()
-    return lambda: (copied.synchronize(), host)[1]
 
 
 def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
@@ -94,18 +82,6 @@ def context_options(model) -> dict:
     if quantize:
         options["wrappers"] = {WrappersMP.APPLY_MODEL: {QUANTIZE_WRAPPER_KEY: quantize}}
     return options
-
-
-def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict):
-    """The finished chunk once more at noise level 0: its keys and values go into the cache."""
-    comfy.model_management.load_models_gpu([model])
-    base = model.model
-    device = comfy.model_management.get_torch_device()
-    x = latents.to(device)
-    run.begin_chunk(x.shape, device, compute_dtype(base), write=True)
-    with torch.no_grad():
-        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=context_options(model), **inputs)
-    run.end_chunk(x.shape[2])
 
 
 GRAPH_MODES = ("off", "this run", "kept")
@@ -222,7 +198,6 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         run = WanCausalRun(model.get_model_object("diffusion_model"), cache, compile=compile, graphs=graphs)
         run.reserve(samples.shape)
         causal = make_causal(model, run)
-        sampler = recipe_sampler(sampler_name, recipe)
         device = comfy.model_management.get_torch_device()
         inputs = model_conds(causal.model, positive, "positive", tuple(samples.shape[1:2]) + (chunk_frames,) + tuple(samples.shape[3:]),
                              device)[0]
@@ -230,31 +205,22 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         decode = chunk_decoder(model, vae, tiny_decoder)
         pbar = comfy.utils.ProgressBar(chunks)
         out, frames, timings = [], [], []
-        for i in range(chunks):
-            start = time.perf_counter()
-            span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
-            chunk_sigmas = first_sigmas if i == 0 else sigmas
-            run.begin_chunk(samples[:, :, span].shape, device, compute_dtype(model.model))
-            chunk = comfy.sample.sample_custom(causal, noise[:, :, span], 1.0, sampler, chunk_sigmas, positive, positive,
-                                               samples[:, :, span], disable_pbar=True, seed=seed + i)
-            out.append(chunk)
-            frames_ready = download(decode(chunk)) if decode is not None else None
-            if i + 1 < chunks:  # queued behind the decode; the last chunk's keys would be read by no one
-                context_pass(causal, run, chunk, inputs)
-            if frames_ready is not None:
-                frames.append(frames_ready())
-            timings.append(time.perf_counter() - start)
-            if i == 0:
+        for chunk in causal_chunks(causal, run, positive, noise, samples, recipe_sampler(sampler_name, recipe), sigmas,
+                                   first_sigmas, chunk_frames, seed, inputs, context_options(causal), decode):
+            out.append(chunk.latents)
+            timings.append(chunk.seconds)
+            if chunk.index == 0:
                 first_ready = time.perf_counter() - started
-            if decode is not None:
-                preview = ("JPEG", Image.fromarray((frames[-1][-1].numpy() * 255).round().astype("uint8")), 512)
+            if chunk.frames is not None:
+                frames.append(chunk.frames)
+                preview = ("JPEG", Image.fromarray((chunk.frames[-1].numpy() * 255).round().astype("uint8")), 512)
             else:
-                preview = previewer.decode_latent_to_preview_image("JPEG", chunk[:1]) if previewer is not None else None
-            pbar.update_absolute(i + 1, chunks, preview)
+                preview = previewer.decode_latent_to_preview_image("JPEG", chunk.latents[:1]) if previewer is not None else None
+            pbar.update_absolute(chunk.index + 1, chunks, preview)
         result = latent.copy()
-        result["samples"] = torch.cat(out, dim=2)
+        result["samples"] = torch.cat(out, dim=2).to(comfy.model_management.intermediate_device())
         video = torch.cat(frames) if frames else latent_colours(model.model.latent_format, result["samples"])
-        text = (f"{chunks} chunks of {chunk_frames} latent frames, {len(chunk_sigmas) - 1} steps each "
+        text = (f"{chunks} chunks of {chunk_frames} latent frames, {len(sigmas) - 1} steps each "
                 f"({len(first_sigmas) - 1} for the first); cache holds {cache.frames} frames "
                 f"({cache.nbytes() / 2**20:.1f} MiB), {cache.evicted} evicted; first chunk {timings[0]:.2f} s, "
                 f"later {sum(timings[1:]) / max(1, len(timings) - 1):.2f} s per chunk")

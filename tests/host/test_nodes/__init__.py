@@ -130,6 +130,7 @@ class FastGenTestContextPass:
 
         world_nodes, world = _pack_module(".nodes.world"), _pack_module(".fastgen_core.world")
         wan_causal, distill_nodes = _pack_module(".nodes.adapters.wan_causal"), _pack_module(".nodes.distill")
+        causal_loop = _pack_module(".nodes.adapters.causal_loop")
         comfy.model_management.load_models_gpu([model])
         device = comfy.model_management.get_torch_device()
         keys = sorted(world_nodes.context_options(model).get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}))
@@ -139,12 +140,7 @@ class FastGenTestContextPass:
             run = wan_causal.WanCausalRun(model.get_model_object("diffusion_model"), world.KVCache(token_dim=1))
             causal = wan_causal.make_causal(model, run)
             inputs = distill_nodes.model_conds(causal.model, positive, "positive", (16, 2, 4, 4), device)[0]
-            real = world_nodes.context_options
-            world_nodes.context_options = options or real
-            try:
-                world_nodes.context_pass(causal, run, x, inputs)
-            finally:
-                world_nodes.context_options = real
+            causal_loop.context_pass(causal, run, x, inputs, (options or world_nodes.context_options)(causal))
             return torch.cat([k.flatten() for k, _ in run.cache.layers])
 
         through_pass = cached_keys(None)
@@ -192,5 +188,23 @@ class FastGenTestKeptGraphs:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
+class FastGenTestSink:
+    """An output that takes IMAGEs and does nothing with them: timing runs (benchmarks/gpu_host.py)
+    measure the node before it, not the encoding of 81 frames."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    def run(self, images):
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"FastGenTestConditioning": FastGenTestConditioning, "FastGenTestCausalExactness": FastGenTestCausalExactness,
-                       "FastGenTestContextPass": FastGenTestContextPass, "FastGenTestKeptGraphs": FastGenTestKeptGraphs}
+                       "FastGenTestContextPass": FastGenTestContextPass, "FastGenTestKeptGraphs": FastGenTestKeptGraphs,
+                       "FastGenTestSink": FastGenTestSink}

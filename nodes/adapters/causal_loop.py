@@ -1,0 +1,100 @@
+"""One causal video on the host, chunk by chunk: the Causal Video Sampler's loop.
+
+Each chunk is sampled by the host's own guider and sampler with the student's recipe (its wrappers,
+patches and model management, as SamplerCustom runs them, one sampling run per chunk), then runs once
+more at noise level 0 so that its keys and values join the KV cache (the context pass, `adapters.
+wan_causal`). The GPU should never wait for the CPU between chunks, so everything a chunk reads is put
+on the device once per video: the noise, the latent, the sigmas and the prompt's tensors (the host
+would copy a CPU prompt to the device at every step, and each such copy waits for the GPU), and the
+chunks' latents stay there until the video is done. Only the decoded frames come over, one chunk at a
+time, while the GPU already runs the context pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from .wan_causal import WanCausalRun, compute_dtype
+
+
+@dataclass
+class Chunk:
+    index: int
+    latents: torch.Tensor  # [B, C, F, H, W] on the device, in the latent space the host returns
+    frames: torch.Tensor | None  # the chunk's decoded frames [B*F', H, W, 3] on the CPU, if a decoder was given
+    seconds: float  # from the chunk's start until its frames (or latents) were out
+
+
+def conditioning_on(conditioning: list, device) -> list:
+    """The CONDITIONING with its tensors on `device` (the host's conds keep the prompt where the text
+    encoder left it, usually the CPU, and copy it to the GPU at every model call)."""
+    def moved(value):
+        return value.to(device) if torch.is_tensor(value) else value
+
+    return [[moved(tensor), {key: moved(value) for key, value in options.items()}] for tensor, options in conditioning]
+
+
+def download(images: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Queue the copy of a chunk's frames to the host now; returns a function that waits for that
+    copy alone and gives the CPU tensor. Work queued after this call (the context pass) keeps the
+    GPU busy while the frames come over."""
+    if images.device.type != "cuda":
+        images = images.cpu()
+        return lambda: images
+    host = images.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host)[1]
+
+
+def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict, options: dict):
+    """The finished chunk once more at noise level 0: its keys and values go into the cache.
+    `options`: the transformer_options of this pass (see the node's `context_options`)."""
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = comfy.model_management.get_torch_device()
+    x = latents.to(device)
+    run.begin_chunk(x.shape, device, compute_dtype(base), write=True)
+    with torch.no_grad():
+        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=options, **inputs)
+    run.end_chunk(x.shape[2])
+
+
+def causal_chunks(causal, run: WanCausalRun, positive, noise: torch.Tensor, latent: torch.Tensor, sampler,
+                  sigmas: torch.Tensor, first_sigmas: torch.Tensor, chunk_frames: int, seed: int,
+                  context_inputs: dict, context_options: dict,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Chunk]:
+    """Generate the video chunk after chunk, yielding each when it is final.
+
+    `causal`: the MODEL made causal over `run` (`make_causal`); `noise` / `latent`: the whole video's
+    [B, C, T, H, W]; chunk i samples its frames with `first_sigmas` (i = 0) or `sigmas` and seed
+    `seed + i`. `decode(latents) -> frames` on the device: each chunk's frames are decoded and brought
+    over while its context pass runs. The last chunk gets no context pass (no chunk reads its keys).
+    """
+    device = comfy.model_management.get_torch_device()
+    positive = conditioning_on(positive, device)
+    guider = comfy.samplers.CFGGuider(causal)
+    guider.set_conds(positive, positive)  # at cfg 1 the host never evaluates the negative
+    guider.set_cfg(1.0)
+    noise, latent = noise.to(device), latent.to(device)
+    sigmas, first_sigmas = sigmas.to(device), first_sigmas.to(device)
+    total = noise.shape[2]
+    chunks = math.ceil(total / chunk_frames)
+    dtype = compute_dtype(causal.model)
+    for i in range(chunks):
+        start = time.perf_counter()
+        span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
+        run.begin_chunk(noise[:, :, span].shape, device, dtype)
+        latents = guider.sample(noise[:, :, span], latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
+                                disable_pbar=True, seed=seed + i)
+        frames = download(decode(latents)) if decode is not None else None
+        if i + 1 < chunks:  # queued behind the decode
+            context_pass(causal, run, latents, context_inputs, context_options)
+        yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
