@@ -2,8 +2,9 @@
 
 FastGen Quantize Model        MODEL -> MODEL (fp8 / int8 / SmoothQuant / int4 / AWQ / nvfp4), with
                               an optional calibration run on the graph's own conditioning
-FastGen Save Quantized Model  the quantized MODEL -> models/diffusion_models/<name>.safetensors
-                              (compressed weights + modelopt quantizer state)
+FastGen Save Quantized Model  the quantized MODEL -> <name>.safetensors in the host's first
+                              diffusion_models folder (models/unet on a stock install; compressed
+                              weights + modelopt quantizer state, the other weights in their file dtype)
 FastGen Load Quantized Model  that file -> the quantized MODEL, with no recalibration
 
 How it meets the host (the design is in fastgen_core/quant.py): the diffusion model is never
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 
+import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -33,7 +35,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, quant
 from ..fastgen_core.recipe import RECIPE_KEY
-from .adapters import save_paths
+from .adapters import file_dtypes, save_paths
 from .adapters.embedded import HostDigitDiT, digit_model_from_state_dict
 from .adapters.recipes import model_recipe
 
@@ -233,16 +235,20 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
             node_id="FastGenSaveQuantizedModel",
             display_name="FastGen Save Quantized Model",
             category="FastGen/patch",
-            description="Saves a MODEL from FastGen Quantize Model to models/diffusion_models: the quantized layers "
-            "compressed (fp8 / int8: 1 byte per weight, int4: half a byte) with their modelopt quantizer state, LoRAs "
-            "applied before saving baked in. FastGen Load Quantized Model loads it back without recalibration.",
+            description="Saves a MODEL from FastGen Quantize Model into the first folder ComfyUI lists for diffusion models "
+            "(models/unet on a stock install, listed together with models/diffusion_models; the node shows the full path): "
+            "the quantized layers compressed (fp8 / int8: 1 byte per weight, int4: half a byte) with their modelopt "
+            "quantizer state, the other weights in the dtype their file had, LoRAs applied before saving baked in. "
+            "FastGen Load Quantized Model loads it back without recalibration.",
             inputs=[
                 io.Model.Input("model", tooltip="The output of FastGen Quantize Model (or of the loader)."),
-                io.String.Input("save_name", default="fastgen/quantized_model", tooltip="Relative to models/diffusion_models; "
-                                "'.safetensors' is added. No '..' or absolute paths."),
+                io.String.Input("save_name", default="fastgen/quantized_model", tooltip="Relative to the first "
+                                "diffusion_models folder (models/unet on a stock install); '.safetensors' is added. No '..' "
+                                "or absolute paths."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
             ],
-            outputs=[io.String.Output(display_name="file_name", tooltip="The saved file, as the loader lists it.")],
+            outputs=[io.String.Output(display_name="file_name", tooltip="The saved file, as the loader lists it (the "
+                                      "node's text shows its full path).")],
             is_output_node=True,
         )
 
@@ -259,15 +265,18 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
         path = resolve_save_path(save_name, overwrite)
         comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # LoRA patches baked in
         state_dict = values_state_dict(model.model.diffusion_model, bank)
+        # the quantized weights are compressed from their full values; the rest go back as they came
+        state_dict, how = file_dtypes.as_loaded(model.model, state_dict, keep={f"{name}.weight" for name in bank.layers})
         quant.save_quantized(path, state_dict, bank, metadata=network_metadata(model))
         name = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
         size = os.path.getsize(path) / 2**20
-        text = f"saved {name} ({size:.1f} MiB): {bank.format.name} on {len(bank.layers)} layers"
+        text = (f"saved {name} ({size:.1f} MiB) as {save_paths.shown_path(path)}: {bank.format.name} on {len(bank.layers)} "
+                f"layers, the other weights {how}")
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 
 def quantized_files() -> list[str]:
-    """Files in models/diffusion_models that FastGen Save Quantized Model wrote (header check only)."""
+    """Files in the diffusion_models folders that FastGen Save Quantized Model wrote (header check only)."""
     names = []
     for name in folder_paths.get_filename_list(FOLDER):
         if name.endswith(".safetensors"):
@@ -283,9 +292,11 @@ def build_model(tensors: dict, metadata: dict, path: str):
     if checkpoint.NETWORK_KEY in metadata:
         arch, config, recipe = checkpoint.network_info(path)
         return digit_model_from_state_dict(arch, config, recipe, tensors, path)
+    dtypes = file_dtypes.of(tensors, comfy.model_detection.unet_prefix_from_state_dict(tensors))
     model = comfy.sd.load_diffusion_model_state_dict(tensors)
     if model is None:
         raise ValueError(f"ComfyUI does not recognise the model in {os.path.basename(path)}")
+    file_dtypes.remember(model.model, dtypes)
     return model
 
 
@@ -299,8 +310,8 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
             description="Loads a model saved by FastGen Save Quantized Model: the host rebuilds the architecture from "
             "its keys, the quantizers are restored from the saved modelopt state (no calibration run).",
             inputs=[
-                io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in "
-                               "models/diffusion_models (other files are not listed)."),
+                io.Combo.Input("model_name", options=quantized_files(), tooltip="Quantized FastGen files in the "
+                               "diffusion_models folders (models/unet, models/diffusion_models; other files are not listed)."),
                 io.Boolean.Input("compact", default=True, tooltip="On: fp8 / int8 layers stay compressed in memory "
                                  "(half of bf16), int4 ones as packed codes (a quarter), dequantized on the fly or fed "
                                  "straight to the fp8 / int8 GEMM; a LoRA "

@@ -17,6 +17,7 @@ import os
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_detection
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -27,7 +28,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, students
 from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, lookup_recipe
-from .adapters import inputs
+from .adapters import file_dtypes, inputs
 from .adapters.embedded import load_digit_model
 from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
 from .loaders import embedded_models, resolve_model_path
@@ -76,11 +77,13 @@ def load_student(path: str):
     state_dict = student.state_dict
     if layout == "transformer" and students.guess_family(keys) == "wan":
         state_dict = students.wan_diffusers_to_native(state_dict)  # ComfyUI has no converter for this one
+    dtypes = file_dtypes.of(state_dict, comfy.model_detection.unet_prefix_from_state_dict(state_dict))
     model = comfy.sd.load_diffusion_model_state_dict(state_dict)
     if model is None:
         family = students.guess_family(keys) or "an unknown architecture"
         hint = f" It is in the diffusers {layout} layout, which this ComfyUI cannot convert for that family." if layout else ""
         raise ValueError(f"ComfyUI does not recognise the model in {name} (its keys look like {family}, e.g. '{keys[0]}').{hint}")
+    file_dtypes.remember(model.model, dtypes)
     recipe, note = _find_recipe(path, student.metadata, keys, host_family(model), "model")
     return model, recipe, note
 

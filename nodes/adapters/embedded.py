@@ -19,6 +19,7 @@ import torch
 
 from ...fastgen_core import checkpoint
 from ...fastgen_core.networks import NUM_CLASS_TOKENS, DigitDiT, DigitDiTConfig
+from . import file_dtypes
 from .recipes import RECIPE_OPTION
 
 DIGIT_IMAGE_MODEL = "fastgen_digit_dit"
@@ -112,6 +113,7 @@ def digit_model_from_state_dict(arch: str, config: dict, recipe, state_dict: dic
     model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
 
     model = model_config.get_model(state_dict).to(offload_device)
+    file_dtypes.remember(model, file_dtypes.of(state_dict))  # before loading, which empties state_dict
     model.load_model_weights(state_dict, "")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     if recipe is not None:

@@ -116,6 +116,7 @@ def test_save_then_load_gives_the_same_digits(comfy, object_info):
                    "inputs": {"model": ["q", 0], "save_name": "fastgen/test_digits_int8", "overwrite": True}}}
     in_graph, entry = digits(comfy, object_info, nodes, ["q", 0])
     assert "saved fastgen/test_digits_int8.safetensors" in node_text(entry, "s")
+    assert "as models/unet/fastgen/test_digits_int8.safetensors" in node_text(entry, "s")
     options = comfy.get("/object_info/FastGenLoadQuantizedModel")["FastGenLoadQuantizedModel"]["input"]["required"]["model_name"][1]
     assert "fastgen/test_digits_int8.safetensors" in options["options"]
     def load(compact):
@@ -138,6 +139,37 @@ def test_save_then_load_gives_the_same_digits(comfy, object_info):
         # outputs still run, as the host does for a prompt with one invalid output)
         _, body = comfy.post("/prompt", {"prompt": {**digits_graph(object_info, {"q": quantize(model, "int8")})[0], **graph}})
         assert reason in json.dumps(body.get("node_errors", {}).get("s", {})), body
+
+
+def test_saved_file_keeps_the_models_dtypes_and_says_where_it_went(comfy, object_info):
+    """The embedded teacher is an fp16 file that the CPU host computes in float32: its fp8 file
+    stores the layers left unquantized as fp16 again (smaller than the original, not larger), and
+    the node names the folder it wrote to (the host's first diffusion_models folder, models/unet)."""
+    import os
+
+    from safetensors import safe_open
+
+    from fastgen_core.eval import ASSETS
+    from fastgen_core.quant import RANGE_PREFIX, STATE_PREFIX
+
+    _, ids = digits_graph(object_info)
+    nodes = {"q": quantize([ids["FastGenLoadModel"], 0], "fp8"),
+             "s": {"class_type": "FastGenSaveQuantizedModel",
+                   "inputs": {"model": ["q", 0], "save_name": "fastgen/test_teacher_fp8", "overwrite": True}}}
+    _, entry = digits(comfy, object_info, nodes, ["q", 0])
+    text = node_text(entry, "s")
+    where = "models/unet/fastgen/test_teacher_fp8.safetensors"
+    assert "saved fastgen/test_teacher_fp8.safetensors (" in text and f"as {where}" in text, text
+    assert "the other weights in the dtype they came in (float16)" in text, text
+    path = os.path.join(comfy.base, *where.split("/"))
+    with safe_open(path, "pt") as f:
+        kept = {k: f.get_slice(k).get_dtype() for k in f.keys()
+                if not k.startswith((STATE_PREFIX, RANGE_PREFIX)) and not k.endswith(("weight_scale",))}
+    quantized = {k for k, dtype in kept.items() if dtype not in ("F16", "F32")}
+    assert len(quantized) == 24, quantized  # the fp8 weights
+    assert {dtype for k, dtype in kept.items() if k not in quantized} == {"F16"}, kept
+    original = os.path.getsize(os.path.join(ASSETS, "digit_teacher.safetensors"))
+    assert os.path.getsize(path) < original, (os.path.getsize(path), original)
 
 
 WAN_LATENT = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}}
