@@ -24,6 +24,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import cache
+from .adapters import inputs
 from .adapters.cache_blocks import adapter_for
 
 SETTINGS_KEY = "fastgen_cache"  # transformer_options: the CacheConfig
@@ -292,10 +293,11 @@ class FastGenCache(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start: float = 0.0, end: float = 1.0, **kwargs):
-        if start > end:
-            return f"start ({start}) must not be after end ({end})"
-        return True
+    def validate_inputs(cls, policy: str = "step", threshold: float = 0.1, start: float = 0.0, end: float = 1.0):
+        problem = inputs.widget_problem(cls, policy=policy, threshold=threshold, start=start, end=end)
+        if problem is None and start is not None and end is not None and start > end:
+            problem = f"start ({start}) must not be after end ({end})"
+        return problem or True
 
     @classmethod
     def execute(cls, model, policy: str, threshold: float, start: float, end: float, max_skips: int = 4,
@@ -330,6 +332,10 @@ class FastGenCalibrateCache(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The model carrying the profile (for FastGen Cache)."),
                      io.String.Output(display_name="profile", tooltip="The measured relative output change per step.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float = 3.0, sampler_name: str = "euler", scheduler: str = "simple"):
+        return inputs.widget_problem(cls, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,

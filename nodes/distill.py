@@ -23,7 +23,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
-from .adapters import save_paths
+from .adapters import inputs, save_paths
 from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
 from .world_session import prompt_server
 
@@ -273,8 +273,10 @@ class FastGenDistillDMD(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, save_name: str, **kwargs):
-        return save_paths.save_name_problem(save_name, SAVE_EXAMPLE)
+    def validate_inputs(cls, save_name: str, learning_rate: float = 1e-4, guidance: float = 3.0, ema_decay: float = 0.0):
+        # only the inputs named here: the host checks the others' ranges itself (not with **kwargs)
+        problem = inputs.widget_problem(cls, learning_rate=learning_rate, guidance=guidance, ema_decay=ema_decay)
+        return problem or save_paths.save_name_problem(save_name, SAVE_EXAMPLE)
 
     @classmethod
     def execute(cls, model, positive, negative, latent, student_steps, iterations, learning_rate, lora_rank, guidance,

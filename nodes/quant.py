@@ -35,7 +35,7 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, quant
 from ..fastgen_core.recipe import RECIPE_KEY
-from .adapters import file_dtypes, save_paths
+from .adapters import file_dtypes, inputs, save_paths
 from .adapters.embedded import HostDigitDiT, digit_model_from_state_dict
 from .adapters.recipes import model_recipe
 
@@ -179,6 +179,10 @@ class FastGenQuantizeModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, format: str = "fp8"):
+        return inputs.widget_problem(cls, format=format) or True
+
+    @classmethod
     def execute(cls, model, format: str, layers: str, calibrate: bool, steps: int, positive=None, latent=None,
                 seed: int = 0) -> io.NodeOutput:
         fmt = quant.get_format(format)
@@ -253,7 +257,7 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, save_name: str, **kwargs):
+    def validate_inputs(cls, save_name: str):  # only save_name: the host checks the others (not with **kwargs)
         return save_paths.save_name_problem(save_name, SAVE_EXAMPLE)
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fastgen_core import sampling
+from .adapters import inputs
 from .adapters.recipes import host_alpha, host_timestep_to_sigma, model_recipe, recipe_sigmas
 
 METHODS = {
@@ -82,6 +83,10 @@ class FastGenSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, method: str = "multistep_sde", gamma: float = 0.3):
+        return inputs.widget_problem(cls, method=method, gamma=gamma) or True
+
+    @classmethod
     def execute(cls, method: str, gamma: float) -> io.NodeOutput:
         return io.NodeOutput(comfy.samplers.KSAMPLER(sampler_function(method, gamma)))
 
@@ -110,8 +115,11 @@ class FastGenSigmas(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, timesteps: str, source: str = "timesteps", **kwargs):
-        if source == "timesteps":
+    def validate_inputs(cls, timesteps: str, source: str = "timesteps"):
+        problem = inputs.widget_problem(cls, source=source)
+        if problem is not None:
+            return problem
+        if source == "timesteps" and timesteps is not None:
             try:
                 sampling.parse_timesteps(timesteps)
             except ValueError as err:
@@ -121,6 +129,8 @@ class FastGenSigmas(io.ComfyNode):
     @classmethod
     def execute(cls, model, timesteps: str, source: str = "timesteps") -> io.NodeOutput:
         model_sampling = model.get_model_object("model_sampling")
+        if source not in ("timesteps", "recipe"):  # a linked value is not seen by validate_inputs
+            raise ValueError(f"the node's source input {source!r} is not one of its choices: timesteps, recipe")
         if source == "recipe":
             recipe = model_recipe(model)
             if recipe is None:

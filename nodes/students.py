@@ -147,6 +147,10 @@ class FastGenLoadStudentLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength: float = 1.0):
+        return inputs.widget_problem(cls, strength=strength) or True
+
+    @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         student = students.load_student_file(path)
@@ -265,8 +269,8 @@ class FastGenStudentSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler: str = "recipe", scheduler: str = "recipe"):
-        return inputs.widget_problem(cls, sampler=sampler, scheduler=scheduler) or True
+    def validate_inputs(cls, sampler: str = "recipe", scheduler: str = "recipe", cfg: float = 0.0, denoise: float = 1.0):
+        return inputs.widget_problem(cls, sampler=sampler, scheduler=scheduler, cfg=cfg, denoise=denoise) or True
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ..fastgen_core import checkpoint, data, world
 from ..fastgen_core.session import RateLimiter, WorldSession
+from .adapters import inputs
 from .loaders import embedded_models, resolve_model_path, user_models
 
 ARCH = "CausalWorldDiT"
@@ -163,6 +164,10 @@ class FastGenWorldSession(io.ComfyNode):
             outputs=[io.Image.Output(display_name="start_view", tooltip="The first frames the session starts from.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, max_fps: float = 30.0):
+        return inputs.widget_problem(cls, max_fps=max_fps) or True
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):

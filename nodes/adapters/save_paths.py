@@ -25,7 +25,10 @@ def resolve_save_path(save_name: str, folder: str, example: str, allow_existing:
 
 
 def save_name_problem(save_name: str, example: str) -> str | bool:
-    """For a node's validate_inputs: True, or what is wrong with the name (before the prompt runs)."""
+    """For a node's validate_inputs: True, or what is wrong with the name (before the prompt runs).
+    A linked name arrives as None here and is checked when the node runs."""
+    if save_name is None:
+        return True
     try:
         check_save_name(save_name, example=example)
     except ValueError as err:
