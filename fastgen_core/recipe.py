@@ -8,6 +8,7 @@ loading any tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -17,6 +18,15 @@ RECIPE_KEY = "fastgen.recipe"
 SIDECAR_SUFFIX = ".recipe.json"  # `<file>.recipe.json`: the recipe of a file that must stay byte-identical (Hub downloads)
 RECIPE_VERSION = 1
 PREDICTIONS = ("flow", "eps", "v")
+MAX_STEPS = 1000  # a recipe's step count: the training schedule's length, far above any sampler's use
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,18 +49,36 @@ class Recipe:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # recipes come from files (metadata, sidecars): every value is checked for type and range
+        # here, so a sampler never meets a string step count, NaN cfg or a billion steps
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"recipe prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"recipe steps must be a positive integer, got {self.steps!r}")
+        for name in ("family", "sampler", "method"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"recipe {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("scheduler", "teacher", "source"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"recipe {name} must be a string, got {getattr(self, name)!r}")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"recipe steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
+        for name in ("cfg", "shift", "gamma", "lora_strength"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ValueError(f"recipe {name} must be a finite number, got {value!r}")
         if self.cfg < 0 or (self.shift is not None and self.shift <= 0):
             raise ValueError(f"recipe cfg must be >= 0 and shift > 0, got cfg={self.cfg} shift={self.shift}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise ValueError(f"recipe gamma must be in [0, 1], got {self.gamma}")
-        for name in ("timesteps", "sigmas"):
+        for name, top in (("timesteps", 1000), ("sigmas", math.inf)):
             values = getattr(self, name)
-            if values is not None and len(values) != self.steps:
+            if values is None:
+                continue
+            if not isinstance(values, list) or not all(_is_number(v) and 0 <= v <= top for v in values):
+                raise ValueError(f"recipe {name} must be a list of finite numbers in [0, {top:g}], got {values!r:.200}")
+            if len(values) != self.steps:
                 raise ValueError(f"recipe has {len(values)} {name} for {self.steps} steps")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"recipe extra must be an object, got {self.extra!r:.200}")
 
     def multistep_noise(self, default: str = "sde") -> str:
         """How a multistep recipe re-noises between steps ("sde": fresh noise, "ode": the
@@ -72,9 +100,11 @@ class Recipe:
         if not isinstance(values, dict):
             raise ValueError(f"{source}: '{RECIPE_KEY}' must be a JSON object")
         # Keys a newer writer added are kept in `extra` rather than rejected.
-        extra = dict(values.pop("extra", None) or {})
-        extra.update({k: values.pop(k) for k in list(values) if k not in cls.__dataclass_fields__})
+        extra = values.pop("extra", None) or {}
         try:
+            if not isinstance(extra, dict):
+                raise ValueError(f"recipe extra must be an object, got {extra!r:.200}")
+            extra = {**extra, **{k: values.pop(k) for k in list(values) if k not in cls.__dataclass_fields__}}
             return cls(**values, extra=extra)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: bad '{RECIPE_KEY}' ({err})") from None

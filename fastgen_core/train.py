@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, networks
+from . import checkpoint, data, networks, world
 from . import eval as metrics
 from .recipe import Recipe
 
@@ -306,7 +306,7 @@ def main(argv=None):
         settings = self_forcing.SelfForcingSettings(steps=args.student_steps, batch=args.batch, lr=args.lr,
                                                     fake_lr=args.fake_lr or args.lr,
                                                     rank=args.rank, context_chunks=args.context_chunks, seed=args.seed,
-                                                    chunk_frames=int(teacher_recipe.extra.get("chunk_frames", 4)))
+                                                    chunk_frames=world.recipe_chunk_frames(teacher_recipe, args.teacher))
         student, recipe, _ = self_forcing.distill_world(net.to(args.device), args.minutes, settings=settings,
                                                          probe=world_probe, log=functools.partial(print, flush=True))
         recipe = dataclasses.replace(recipe, teacher=os.path.basename(args.teacher))

@@ -215,6 +215,18 @@ def _move_down(buffer: torch.Tensor, dim: int, source: int, end: int, target: in
         buffer.narrow(dim, target + offset, size).copy_(buffer.narrow(dim, source + offset, size))
 
 
+MAX_CHUNK_FRAMES = 64  # frames a world model generates at once (the shipped ones: 4)
+
+
+def recipe_chunk_frames(recipe, source: str, default: int = 4) -> int:
+    """The chunk length a world model's recipe names (`extra.chunk_frames`), checked: it comes
+    from the file, and the session renders and holds that many frames at once."""
+    value = (recipe.extra if recipe is not None else {}).get("chunk_frames", default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHUNK_FRAMES:
+        raise ValueError(f"{source}: its recipe's chunk_frames {value!r:.40} is not a frame count in 1..{MAX_CHUNK_FRAMES}")
+    return value
+
+
 @dataclass
 class ChunkSchedule:
     """Noise levels per chunk: the first chunk may take more steps (it has no context to lean on:

@@ -185,7 +185,7 @@ class FastGenWorldSession(io.ComfyNode):
                              "(an API call needs a client_id with an open websocket; this one has none)")
         net, recipe = load_world_model(model_name)
         net.eval()
-        chunk = int((recipe.extra if recipe else {}).get("chunk_frames", 4))
+        chunk = world.recipe_chunk_frames(recipe, model_name)
         schedule = world.ChunkSchedule.for_recipe(recipe, steps)
         steps = len(schedule.later) - 1
         sampler = recipe.multistep_noise() if recipe else "sde"

@@ -1,5 +1,7 @@
 """The recipe format and the table of known public students."""
 
+import re
+
 import pytest
 
 from fastgen_core.recipe import KNOWN_STUDENTS, Recipe, identify_student
@@ -66,3 +68,27 @@ def test_multistep_noise_names_the_renoising_of_multistep_recipes_only():
     assert Recipe(family="x", prediction="flow", steps=2, sampler="multistep_ode").multistep_noise() == "ode"
     assert Recipe(family="x", prediction="flow", steps=2, sampler="multistep_sde").multistep_noise("ode") == "sde"
     assert Recipe(family="x", prediction="flow", steps=2, sampler="euler").multistep_noise("ode") == "ode"
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("steps", 10**9, "steps must be an integer in 1..1000"),
+    ("steps", "4", "steps must be an integer"),
+    ("steps", True, "steps must be an integer"),
+    ("cfg", float("nan"), "cfg must be a finite number"),
+    ("shift", float("inf"), "shift must be a finite number"),
+    ("lora_strength", "1", "lora_strength must be a finite number"),
+    ("sampler", ["euler"], "sampler must be a string"),
+    ("family", 3, "family must be a string"),
+    ("timesteps", [999, "x", 1, 0], "timesteps must be a list of finite numbers in [0, 1000]"),
+    ("timesteps", [5000, 750, 500, 250], "timesteps must be a list of finite numbers in [0, 1000]"),
+    ("sigmas", [1.0, float("nan"), 0.5, 0.25], "sigmas must be a list of finite numbers"),
+    ("extra", [1], "extra must be an object"),
+])
+def test_recipes_from_files_are_checked_for_type_and_range(field, value, reason):
+    """A file's recipe is its author's word: a huge step count or NaN cfg is refused when read,
+    naming the file, not when a sampler allocates or produces NaN images."""
+    import json
+
+    values = {"family": "sdxl", "prediction": "eps", "steps": 4, "sampler": "euler", field: value}
+    with pytest.raises(ValueError, match=f"evil.safetensors: bad 'fastgen.recipe' .*{re.escape(reason)}"):
+        Recipe.from_json(json.dumps(values), source="evil.safetensors")

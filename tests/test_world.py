@@ -309,3 +309,17 @@ def test_a_reserved_cache_allocates_its_buffers_once(window):
     assert layouts == [layouts[0]] * len(layouts), "a buffer grew or moved"
     slots = frames if window is None else 2 + window + chunk
     assert cache.allocated_bytes() == 2 * slots * tokens * 4 * 4  # keys + values, float32
+
+
+@pytest.mark.parametrize("value", [10**7, 0, "4", 2.5, True])
+def test_a_recipes_chunk_length_is_checked_before_a_session_renders_it(value):
+    """chunk_frames comes from the model file's recipe: a session renders and holds that many
+    frames at once, so a huge or malformed one is refused, naming the file."""
+    from fastgen_core.recipe import Recipe
+    from fastgen_core.world import MAX_CHUNK_FRAMES, recipe_chunk_frames
+
+    recipe = Recipe(family="fastgen-game", prediction="flow", steps=2, extra={"chunk_frames": value})
+    with pytest.raises(ValueError, match=f"evil.safetensors: its recipe's chunk_frames .* in 1..{MAX_CHUNK_FRAMES}"):
+        recipe_chunk_frames(recipe, "evil.safetensors")
+    assert recipe_chunk_frames(None, "x") == 4
+    assert recipe_chunk_frames(Recipe(family="g", prediction="flow", steps=2, extra={"chunk_frames": 3}), "x") == 3

@@ -257,3 +257,29 @@ def test_play_the_shipped_world_model_in_the_real_page(comfy):
     assert errors == [], errors
     for name, (agree, total) in agreement.items():
         assert total >= 8 and agree / total >= 0.5, f"holding {name}: the view moved that way in {agree} of {total} frames"
+
+
+def test_a_world_model_whose_recipe_asks_for_huge_chunks_is_refused_at_once(comfy):
+    """chunk_frames comes from the file's recipe, and the session renders that many frames before
+    its first chunk: a file asking for ten million is refused in well under a second."""
+    import os
+    import time
+
+    from fastgen_core import checkpoint, networks, train
+
+    net = networks.CausalWorldDiT(networks.CausalWorldDiTConfig(dim=32, depth=1, heads=2)).init_weights(3)
+    path = os.path.join(comfy.base, "models", "diffusion_models", "huge_chunks_world.safetensors")
+    checkpoint.save_network(path, net, train.world_recipe(steps=2, chunk_frames=10**7))
+
+    async def queue():
+        async with Page(comfy) as page:
+            start = time.monotonic()
+            async with page.http.post(f"{comfy.url}/prompt", json={"prompt": session_prompt("huge_chunks_world.safetensors"),
+                                                                    "client_id": page.client_id}) as r:
+                assert r.status == 200, await r.text()
+            error = await page.wait_for(lambda e: e["type"] == "execution_error", timeout=30)
+            return error["data"]["exception_message"], time.monotonic() - start
+
+    message, seconds = asyncio.run(queue())
+    assert "huge_chunks_world.safetensors: its recipe's chunk_frames 10000000 is not a frame count in 1..64" in message
+    assert seconds < 5, seconds
