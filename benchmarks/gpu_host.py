@@ -592,6 +592,7 @@ def main():
     parser.add_argument("--perf", default="", help="comma list of sampler, causal, dmd")
     parser.add_argument("--causal-settings", default="compile+kept", help="comma list of "
                         f"{', '.join(CAUSAL_SETTINGS)}: the Causal Video Sampler's compile / cuda_graphs in --perf causal")
+    parser.add_argument("--causal-videos", type=int, default=5, help="Queues per causal setting")
     parser.add_argument("--profile", action="store_true", help="with --perf causal: one more Queue under the profiler; "
                         "prints where the GPU waits (benchmarks/gpu_gaps.py) and leaves the trace in --out")
     parser.add_argument("--big", action="store_true", help="Wan 2.1 14B for the LoRA workflow, and a Flux-size student")
@@ -631,7 +632,7 @@ def main():
         results["workflows"] = run_workflows(host, [d for d in args.dtypes.split(",") if d], args.only, args.dmd_iterations)
     profile_dir = (args.out or base) if args.profile else None
     for name, fn in (("sampler", lambda: student_sampler_perf(host, args.big)),
-                     ("causal", lambda: causal_perf(host, args.causal_settings.split(","), profile_dir=profile_dir)),
+                     ("causal", lambda: causal_perf(host, args.causal_settings.split(","), args.causal_videos, profile_dir)),
                      ("dmd", lambda: dmd_perf(host))):
         if name in perf:
             try:

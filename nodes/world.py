@@ -24,7 +24,7 @@ from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
 from .adapters.causal_loop import causal_chunks
 from .adapters.recipes import model_recipe, recipe_sigmas
-from .adapters.wan_causal import WanCausalRun, allocator_note, make_causal
+from .adapters.wan_causal import ASYNC_ALLOCATOR_NOTE, WanCausalRun, graphs_need_eager_blocks, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
@@ -85,14 +85,15 @@ def context_options(model) -> dict:
 
 
 GRAPH_MODES = ("off", "this run", "kept")
-_kept: dict = {}  # at most one entry: what the kept cache and graphs were made for -> (KVCache, ForwardGraphs)
+_kept: dict = {}  # at most one entry: what the kept cache and graphs were made for -> [KVCache, ForwardGraphs, runs]
 
 
 def cache_and_graphs(mode: str, model, latent_shape, chunk_frames: int, sink_frames: int, window_frames: int, compile):
     """The run's KV cache and CUDA graphs (None when off). "kept": the cache's buffers and the graphs
     captured over them outlive the run, for the next run made with the same model (its weights at
     the same addresses, the same patches and wrappers), latent shape and cache settings; any other
-    run drops them. The first replay of a kept run is checked against an eager forward."""
+    run drops them. The first run that replays graphs an earlier run captured checks its first replay
+    against an eager forward (later runs trust them: the key above names what a replay reads)."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}; got {mode!r}")
 
@@ -109,10 +110,13 @@ def cache_and_graphs(mode: str, model, latent_shape, chunk_frames: int, sink_fra
                 wrappers, tuple(latent_shape), chunk_frames, sink_frames, window_frames, bool(compile))
     if made_for not in _kept:
         _kept.clear()
-        _kept[made_for] = (new_cache(), ForwardGraphs())
-    cache, graphs = _kept[made_for]
+        _kept[made_for] = [new_cache(), ForwardGraphs(), 0]
+    entry = _kept[made_for]
+    cache, graphs = entry[0], entry[1]
     cache.reset(keep_buffers=True)
-    graphs.verify_next()
+    if entry[2] == 1:
+        graphs.verify_next()
+    entry[2] += 1
     return cache, graphs
 
 
@@ -147,19 +151,19 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the Wan blocks (attention stays eager, so the cache never "
                                  "recompiles them; on a GPU each FFN's bias and GELU go into its first GEMM). The first "
-                                 "run compiles (about 20 s on an H200, seconds once inductor's cache has it); then the "
-                                 "transformer runs faster (Wan-1.3B, 480p, H200: 31.6 -> 33-37 FPS over six runs). Off: "
-                                 "exactly the host's eager blocks."),
+                                 "run compiles (tens of seconds; seconds once inductor's on-disk cache has it), later "
+                                 "runs are faster. Off: exactly the host's eager blocks. Figures: benchmarks/RESULTS.md."),
                 io.Combo.Input("cuda_graphs", options=list(GRAPH_MODES), default="off", optional=True,
                                tooltip="Replay the 30 Wan blocks of each forward as one CUDA graph per cache length: "
-                               "the CPU stops launching thousands of kernels a step. Same frames (bit for bit in our "
-                               "GPU check). 'this run': captured as the run goes (a chunk's second forward) and dropped "
-                               "after it; pays for long videos with a window (one graph once the window is full), costs "
-                               "time on a short full-context video (H200, 81 frames: 29 FPS vs 32-36 without). 'kept': "
-                               "the graphs and the cache's buffers stay in VRAM for the next run with the same model, "
-                               "latent size and cache settings, which then captures nothing (with compile: 40 FPS, "
-                               "first chunk 0.15 s); checked against an eager forward at the start of each run. Needs a "
-                               "CUDA GPU with the model fully in VRAM; otherwise it turns itself off and says why."),
+                               "the CPU stops launching thousands of kernels a step. Same frames. 'this run': captured "
+                               "as the run goes and dropped after it; pays for long videos with a window (one graph once "
+                               "the window is full), costs time on a short full-context video. 'kept': the graphs and the "
+                               "cache's buffers stay in VRAM for the next run with the same model, latent size and cache "
+                               "settings, which then captures nothing: the fastest setting, with compile (the first run "
+                               "that reuses them checks them against an eager forward). Needs a CUDA GPU with the model "
+                               "fully in VRAM; otherwise it turns itself off and says why. Under ComfyUI's default "
+                               "cudaMallocAsync allocator the graphs replay eager blocks (start ComfyUI with "
+                               "--disable-cuda-malloc for compiled blocks in them)."),
                 TinyDecoder.Input("tiny_decoder", optional=True, tooltip="A tiny video decoder (FastGen Load Tiny Video "
                                   "Decoder, taew2_1): streams the frames 23x faster than the VAE, slightly softer. "
                                   "Used instead of the VAE when both are connected."),
@@ -183,6 +187,9 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             raise ValueError(f"the causal loop samples at cfg 1 (few-step students); this model's recipe asks for cfg {cfg:g}")
         if quantize_wrappers(model):
             messages.append(QUANTIZED_LOOP_NOTE)
+        if graphs_need_eager_blocks(compile, cuda_graphs != "off"):
+            compile = False
+            messages.append(ASYNC_ALLOCATOR_NOTE)
         model_sampling = model.get_model_object("model_sampling")
         sigmas = recipe_sigmas(model_sampling, recipe, steps, scheduler_name)
         first_sigmas = sigmas if first_chunk_steps in (0, len(sigmas) - 1) else \
@@ -192,7 +199,6 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             raise ValueError(f"the causal loop needs a video latent [B, C, T, H, W], got {list(samples.shape)}")
         total = samples.shape[2]
         chunks = math.ceil(total / chunk_frames)
-        noise = comfy.sample.prepare_noise(samples, seed)
 
         cache, graphs = cache_and_graphs(cuda_graphs, model, samples.shape, chunk_frames, sink_frames, window_frames, compile)
         run = WanCausalRun(model.get_model_object("diffusion_model"), cache, compile=compile, graphs=graphs)
@@ -205,8 +211,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         decode = chunk_decoder(model, vae, tiny_decoder)
         pbar = comfy.utils.ProgressBar(chunks)
         out, frames, timings = [], [], []
-        for chunk in causal_chunks(causal, run, positive, noise, samples, recipe_sampler(sampler_name, recipe), sigmas,
-                                   first_sigmas, chunk_frames, seed, inputs, context_options(causal), decode):
+        for chunk in causal_chunks(causal, run, positive, samples, recipe_sampler(sampler_name, recipe), sigmas, first_sigmas,
+                                   chunk_frames, seed, inputs, context_options(causal), decode):
             out.append(chunk.latents)
             timings.append(chunk.seconds)
             if chunk.index == 0:
@@ -231,8 +237,6 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         if compile:
             messages.append("blocks compiled by torch.compile" if run.compile else
                             "compile: torch.compile failed here, the blocks ran eagerly (the log says why)")
-        if note := allocator_note(compile, cuda_graphs):
-            messages.append(note)
         if graphs is not None:
             messages.append(graphs.report() + (" (kept in VRAM for the next run)" if cuda_graphs == "kept" and graphs.enabled
                                                else ""))

@@ -3,15 +3,16 @@
 Each chunk is sampled by the host's own guider and sampler with the student's recipe (its wrappers,
 patches and model management, as SamplerCustom runs them, one sampling run per chunk), then runs once
 more at noise level 0 so that its keys and values join the KV cache (the context pass, `adapters.
-wan_causal`). The GPU should never wait for the CPU between chunks, so everything a chunk reads is put
-on the device once per video: the noise, the latent, the sigmas and the prompt's tensors (the host
-would copy a CPU prompt to the device at every step, and each such copy waits for the GPU), and the
-chunks' latents stay there until the video is done. Only the decoded frames come over, one chunk at a
-time, while the GPU already runs the context pass.
+wan_causal`). The GPU should never wait for the CPU between chunks, so what a chunk reads is put on
+the device once per video (the latent, the sigmas and the prompt's tensors: the host would copy a CPU
+prompt to the device at every step, and each such copy waits for the GPU) or queued ahead from pinned
+memory (each chunk's noise), and the chunks' latents stay there until the video is done. Only the
+decoded frames come over, one chunk at a time, on a copy stream beside the context pass.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -41,17 +42,36 @@ def conditioning_on(conditioning: list, device) -> list:
     return [[moved(tensor), {key: moved(value) for key, value in options.items()}] for tensor, options in conditioning]
 
 
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def download(images: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Queue the copy of a chunk's frames to the host now; returns a function that waits for that
-    copy alone and gives the CPU tensor. Work queued after this call (the context pass) keeps the
-    GPU busy while the frames come over."""
+    """Start copying a chunk's frames to the host; returns a function that waits for that copy alone
+    and gives the CPU tensor. The copy runs on a stream of its own (the GPU's copy engine), so the
+    work queued after this call (the context pass) does not wait for it."""
     if images.device.type != "cuda":
         images = images.cpu()
         return lambda: images
-    host = images.to("cpu", non_blocking=True)  # into pinned memory, in stream order
-    copied = torch.cuda.Event()
-    copied.record()
+    stream = _copy_stream(images.device)
+    stream.wait_stream(torch.cuda.current_stream(images.device))
+    with torch.cuda.stream(stream):
+        host = images.to("cpu", non_blocking=True)  # into pinned memory
+        copied = torch.cuda.Event()
+        copied.record(stream)
+    images.record_stream(stream)  # its memory is not handed out again before the copy has read it
     return lambda: (copied.synchronize(), host)[1]
+
+
+def chunk_noise(generator: torch.Generator, shape, device) -> torch.Tensor:
+    """The next chunk's noise from the video's CPU generator (the same noise on any device), drawn in
+    chunk order, so a video's first chunks do not depend on how long it is. On a GPU the copy is
+    queued from pinned memory: from pageable memory it would wait for the GPU."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict, options: dict):
@@ -67,32 +87,35 @@ def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict, 
     run.end_chunk(x.shape[2])
 
 
-def causal_chunks(causal, run: WanCausalRun, positive, noise: torch.Tensor, latent: torch.Tensor, sampler,
-                  sigmas: torch.Tensor, first_sigmas: torch.Tensor, chunk_frames: int, seed: int,
-                  context_inputs: dict, context_options: dict,
+def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sampler, sigmas: torch.Tensor,
+                  first_sigmas: torch.Tensor, chunk_frames: int, seed: int, context_inputs: dict, context_options: dict,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Chunk]:
     """Generate the video chunk after chunk, yielding each when it is final.
 
-    `causal`: the MODEL made causal over `run` (`make_causal`); `noise` / `latent`: the whole video's
-    [B, C, T, H, W]; chunk i samples its frames with `first_sigmas` (i = 0) or `sigmas` and seed
-    `seed + i`. `decode(latents) -> frames` on the device: each chunk's frames are decoded and brought
-    over while its context pass runs. The last chunk gets no context pass (no chunk reads its keys).
+    `causal`: the MODEL made causal over `run` (`make_causal`); `latent`: the whole video's
+    [B, C, T, H, W] (usually empty). Chunk i starts from noise drawn in chunk order from a CPU
+    generator seeded with `seed`, and is sampled with `first_sigmas` (i = 0) or `sigmas` and the
+    sampler's seed `seed + i`. `decode(latents) -> frames` on the device: each chunk's frames are
+    decoded and brought over while its context pass runs. The last chunk gets no context pass (no
+    chunk reads its keys).
     """
     device = comfy.model_management.get_torch_device()
     positive = conditioning_on(positive, device)
     guider = comfy.samplers.CFGGuider(causal)
     guider.set_conds(positive, positive)  # at cfg 1 the host never evaluates the negative
     guider.set_cfg(1.0)
-    noise, latent = noise.to(device), latent.to(device)
+    latent = latent.to(device)
     sigmas, first_sigmas = sigmas.to(device), first_sigmas.to(device)
-    total = noise.shape[2]
+    generator = torch.Generator().manual_seed(seed)
+    total = latent.shape[2]
     chunks = math.ceil(total / chunk_frames)
     dtype = compute_dtype(causal.model)
     for i in range(chunks):
         start = time.perf_counter()
         span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
-        run.begin_chunk(noise[:, :, span].shape, device, dtype)
-        latents = guider.sample(noise[:, :, span], latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
+        noise = chunk_noise(generator, latent[:, :, span].shape, device)
+        run.begin_chunk(noise.shape, device, dtype)
+        latents = guider.sample(noise, latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
                                 disable_pbar=True, seed=seed + i)
         frames = download(decode(latents)) if decode is not None else None
         if i + 1 < chunks:  # queued behind the decode

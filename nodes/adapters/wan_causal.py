@@ -49,16 +49,18 @@ log = logging.getLogger("fastgen")
 
 
 ASYNC_ALLOCATOR_NOTE = (
-    "ComfyUI runs PyTorch's cudaMallocAsync allocator here (its default on recent GPUs): with it, torch.compile's "
-    "kernels cannot address their buffers (the blocks fall back to eager) and kept CUDA graphs are recaptured each run. "
-    "Start ComfyUI with --disable-cuda-malloc for the compiled, graphed loop (README, Causal video).")
+    "ComfyUI runs PyTorch's cudaMallocAsync allocator here (its default on recent GPUs): under it a CUDA graph cannot "
+    "hold torch.compile's kernels (memory allocated during a capture is not addressable by them), so the graphs replay "
+    "the eager blocks. For compiled blocks inside the graphs, start ComfyUI with --disable-cuda-malloc (README, Causal "
+    "video).")
 
 
-def allocator_note(compile: bool, cuda_graphs: str) -> str | None:
-    """A note for the node's report when the process allocator defeats `compile` / kept graphs."""
-    if not (compile or cuda_graphs == "kept") or not torch.cuda.is_available():
-        return None
-    return ASYNC_ALLOCATOR_NOTE if torch.cuda.get_allocator_backend() == "cudaMallocAsync" else None
+def graphs_need_eager_blocks(compile: bool, graphs: bool) -> bool:
+    """True when compiled blocks cannot be captured in CUDA graphs in this process: PyTorch's
+    cudaMallocAsync allocator hands a capture memory that Triton's kernels refuse ("Pointer argument
+    cannot be accessed"). Compiled blocks alone, or graphs of eager blocks, work under it."""
+    return (bool(compile) and graphs and torch.cuda.is_available()
+            and torch.cuda.get_allocator_backend() == "cudaMallocAsync")
 
 
 def compute_dtype(base_model) -> torch.dtype:
