@@ -6,8 +6,8 @@ more at noise level 0 so that its keys and values join the KV cache (the context
 wan_causal`). The GPU should never wait for the CPU between chunks, so what a chunk reads is put on
 the device once per video (the latent, the sigmas and the prompt's tensors: the host would copy a CPU
 prompt to the device at every step, and each such copy waits for the GPU) or queued ahead from pinned
-memory (each chunk's noise), and the chunks' latents stay there until the video is done. Only the
-decoded frames come over, one chunk at a time, on a copy stream beside the context pass.
+memory (each chunk's noise), and the chunks' latents stay there until the video is done. Each chunk is
+decoded and its frames come over on a stream of their own, beside the context pass.
 """
 
 from __future__ import annotations
@@ -43,25 +43,25 @@ def conditioning_on(conditioning: list, device) -> list:
 
 
 @functools.cache
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+def _frames_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def download(images: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Start copying a chunk's frames to the host; returns a function that waits for that copy alone
-    and gives the CPU tensor. The copy runs on a stream of its own (the GPU's copy engine), so the
-    work queued after this call (the context pass) does not wait for it."""
-    if images.device.type != "cuda":
-        images = images.cpu()
+def decode_beside(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Decode a chunk and copy its frames to the host on a stream of their own, beside the work queued
+    after this call (the context pass); returns a function that waits for those frames alone and gives
+    the CPU tensor. The decoder's state between chunks lives on that stream too, in chunk order."""
+    if latents.device.type != "cuda":
+        images = decode(latents).cpu()
         return lambda: images
-    stream = _copy_stream(images.device)
-    stream.wait_stream(torch.cuda.current_stream(images.device))
+    stream = _frames_stream(latents.device)
+    stream.wait_stream(torch.cuda.current_stream(latents.device))
     with torch.cuda.stream(stream):
-        host = images.to("cpu", non_blocking=True)  # into pinned memory
-        copied = torch.cuda.Event()
-        copied.record(stream)
-    images.record_stream(stream)  # its memory is not handed out again before the copy has read it
-    return lambda: (copied.synchronize(), host)[1]
+        host = decode(latents).to("cpu", non_blocking=True)  # into pinned memory
+        done = torch.cuda.Event()
+        done.record(stream)
+    latents.record_stream(stream)  # its memory is not handed out again before the decode has read it
+    return lambda: (done.synchronize(), host)[1]
 
 
 def chunk_noise(generator: torch.Generator, shape, device) -> torch.Tensor:
@@ -96,7 +96,7 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
     [B, C, T, H, W] (usually empty). Chunk i starts from noise drawn in chunk order from a CPU
     generator seeded with `seed`, and is sampled with `first_sigmas` (i = 0) or `sigmas` and the
     sampler's seed `seed + i`. `decode(latents) -> frames` on the device: each chunk's frames are
-    decoded and brought over while its context pass runs. The last chunk gets no context pass (no
+    decoded and brought over beside its context pass. The last chunk gets no context pass (no
     chunk reads its keys).
     """
     device = comfy.model_management.get_torch_device()
@@ -117,7 +117,7 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
         run.begin_chunk(noise.shape, device, dtype)
         latents = guider.sample(noise, latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
                                 disable_pbar=True, seed=seed + i)
-        frames = download(decode(latents)) if decode is not None else None
-        if i + 1 < chunks:  # queued behind the decode
+        frames = decode_beside(decode, latents) if decode is not None else None
+        if i + 1 < chunks:
             context_pass(causal, run, latents, context_inputs, context_options)
         yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
