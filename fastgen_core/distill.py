@@ -318,6 +318,7 @@ class DMDTrainer:
         self.generator = torch.Generator().manual_seed(settings.seed)
         torch.manual_seed(settings.seed)  # modelopt draws timesteps and noise from the global RNG
         self.iteration = 0
+        self.saved_iteration: int | None = None  # the iteration of the last training state on disk
         self.history: list[dict] = []
 
     def _step(self, optimizer, params, loss: torch.Tensor, what: str):
@@ -387,6 +388,7 @@ class DMDTrainer:
     def save_checkpoint(self, path: str):
         with atomic_path(path) as tmp:
             torch.save(self.state(), tmp)
+        self.saved_iteration = self.iteration
 
     def load_checkpoint(self, path: str, state: dict | None = None):
         """Continue from a saved training state (`state`: the file already read by `read_checkpoint`).
@@ -412,7 +414,7 @@ class DMDTrainer:
                 group["lr"] = lr
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])
+        self.iteration = self.saved_iteration = int(state["iteration"])
         self.history = list(state["history"])
         if self.pipeline.ema is not None and state.get("ema"):
             self.pipeline.ema.load_state_dict(state["ema"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import comfy.lora
 import comfy.model_management
@@ -184,6 +185,29 @@ def stopped_message(lora_path: str, checkpoint_path: str, reached: int, iteratio
             "(same save_name and lora_rank) to continue from there.")
 
 
+@contextmanager
+def kept_state_named_on_failure(trainer, checkpoint_path: str, events: LossEvents, iterations: int):
+    """A run that fails once it has kept a training state (out of memory, a NaN loss, a full disk
+    when saving the LoRA) says which state holds its work and how to continue from it."""
+    try:
+        yield
+    except comfy.model_management.InterruptProcessingException:
+        raise
+    except Exception as err:
+        kept = trainer.saved_iteration
+        if kept is None:
+            raise
+        hint = (f"The training state of iteration {kept} of {iterations} is kept in {save_paths.shown_path(checkpoint_path)}: "
+                "fix the cause and queue again with resume on (same save_name and lora_rank)"
+                + (" to save the LoRA without training again" if kept >= iterations else " to continue from there")
+                + (", with a lower learning_rate" if isinstance(err, distill.NonFiniteLoss) else "") + ".")
+        tell_page(events, f"FastGen DMD Distill failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {hint}")
+        oom = comfy.model_management.OOM_EXCEPTION
+        if oom is not Exception and isinstance(err, oom):
+            raise  # the host's own out-of-memory handling (it unloads models and says so); the log has the hint
+        raise RuntimeError(f"{type(err).__name__}: {err}. {hint}") from err
+
+
 def tell_page(events: LossEvents, text: str):
     """A message for the log and, as the node's progress text, for the page that queued the graph."""
     log.warning("%s", text)
@@ -300,6 +324,7 @@ class FastGenDistillDMD(io.ComfyNode):
                                            fake_lr=learning_rate, batch=batch_size, seed=seed, pred_type="x0",
                                            t_range=t_range, sample_shape=sample_shape, ema_decay=ema_decay)
         pbar = comfy.utils.ProgressBar(iterations)
+        live_chart = LossEvents(cls.hidden.unique_id if cls.hidden else None, iterations)
         previewer = latent_preview.get_previewer(device, base.latent_format)
 
         with torch.inference_mode(False), torch.enable_grad():
@@ -320,7 +345,6 @@ class FastGenDistillDMD(io.ComfyNode):
                     trainer.load_checkpoint(checkpoint_path, saved_state)
 
                 cancelled = []
-                live_chart = LossEvents(cls.hidden.unique_id if cls.hidden else None, iterations)
 
                 def report(record):
                     live_chart.add(record)
@@ -337,17 +361,18 @@ class FastGenDistillDMD(io.ComfyNode):
                 def should_stop():
                     return bool(cancelled) or comfy.model_management.processing_interrupted()
 
-                status = trainer.run(iterations, checkpoint_path=checkpoint_path, checkpoint_every=50, callback=report,
-                                     should_stop=should_stop)
-                live_chart.flush()
-                if status == "done":  # a stopped run's student is unfinished: it never takes the final name
-                    trainer.publish_ema()
-                    # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
-                    recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model),
-                                                    as_sigmas=flow, prediction="flow" if flow else host_prediction(model_sampling),
-                                                    timesteps=None if flow else timesteps)
-                    distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)
-                    lora = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
+                with kept_state_named_on_failure(trainer, checkpoint_path, live_chart, iterations):
+                    status = trainer.run(iterations, checkpoint_path=checkpoint_path, checkpoint_every=50, callback=report,
+                                         should_stop=should_stop)
+                    live_chart.flush()
+                    if status == "done":  # a stopped run's student is unfinished: it never takes the final name
+                        trainer.publish_ema()
+                        # flow students keep their sigmas (exact under any shift); discrete ones their timesteps
+                        recipe = distill.student_recipe(settings, family=host_family(model), teacher=model_name(model),
+                                                        as_sigmas=flow, prediction="flow" if flow else host_prediction(model_sampling),
+                                                        timesteps=None if flow else timesteps)
+                        distill.save_lora(lora_path, adapters[distill.STUDENT], recipe)
+                        lora = {k: v.clone() for k, v in distill.lora_state_dict(adapters[distill.STUDENT]).items()}
                 history, reached = trainer.history, trainer.iteration
             finally:
                 distill.disable_gradient_checkpointing(base.diffusion_model)

@@ -104,7 +104,9 @@ def test_resume_refuses_another_rank_or_model_before_training(tmp_path):
     a tensor-size error from inside the optimizer."""
     path = str(tmp_path / "run.fastgen-resume")
     saved = trainer()
+    assert saved.saved_iteration is None
     saved.run(2, checkpoint_path=path)
+    assert saved.saved_iteration == 2  # what a failure after training names
     state = distill.read_checkpoint(path)
     assert distill.checkpoint_rank(state) == 4
 

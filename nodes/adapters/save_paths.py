@@ -19,6 +19,8 @@ def resolve_save_path(save_name: str, folder: str, example: str, allow_existing:
     path = os.path.abspath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root:
         raise ValueError(f"save_name {save_name!r} leaves the {folder} folder")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{name} in {root} is a folder or another non-file: choose another save_name")
     if os.path.exists(path) and not allow_existing:
         raise ValueError(f"{name} already exists in {root}: {existing_hint}")
     return path

@@ -219,3 +219,41 @@ def test_losses_stream_to_the_page_while_the_node_trains(comfy):
     assert all(isinstance(r["fake_score"], float) for r in records)
     # the student updates every update_ratio (2) iterations: its VSD loss comes with those
     assert [r["iteration"] for r in records if r["vsd"] is not None] == [1, 3, 5, 7]
+
+
+def test_a_run_that_fails_after_training_names_the_state_that_holds_it(comfy):
+    """Training done, the LoRA cannot be written (here a folder took its name meanwhile): the error
+    names the kept training state and its iteration; resuming saves the LoRA without training
+    again. A folder under the name is refused before any training."""
+    folder = os.path.join(comfy.base, "models", "loras", "fastgen")
+    blocker = os.path.join(folder, "blocked.safetensors")
+
+    async def run_and_block():
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        prompt = distill_graph("fastgen/blocked", iterations=12)
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as ws:
+            async with http.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
+                assert response.status == 200
+            while True:
+                msg = await ws.receive(timeout=120)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(msg.data)
+                if event["type"] == "progress" and event["data"].get("node") == "d":
+                    os.makedirs(blocker, exist_ok=True)
+                if event["type"] == "execution_error":
+                    return event["data"]["exception_message"]
+                assert event["type"] != "executed" or event["data"]["node"] != "d", "the LoRA was written over a folder"
+
+    message = asyncio.run(run_and_block())
+    assert ("The training state of iteration 12 of 12 is kept in models/loras/fastgen/blocked.fastgen-resume: fix the "
+            "cause and queue again with resume on (same save_name and lora_rank) to save the LoRA without training again"
+            in message), message
+    refused = failure(comfy, distill_graph("fastgen/blocked", iterations=12, resume=True))
+    assert "blocked.safetensors in" in refused and "is a folder" in refused
+    os.rmdir(blocker)
+    entry, events, _ = comfy.run_prompt_watching(distill_graph("fastgen/blocked", iterations=12, resume=True))
+    assert "12 iterations; saved fastgen/blocked.safetensors" in node_text(entry, "d")
+    assert not [e for e in events if e.get("type") == "fastgen.distill.loss"], "it trained again"
