@@ -191,6 +191,7 @@ class Placed:
     sha256: str
     downloaded: bool  # False when a good file was already there
     sidecar: str | None
+    verified: bool = True  # False: a file already there, with no published checksum or earlier download to check it by
 
 
 def fetch(entry: HubEntry, dest_dir: str, cache_dir: str | None = None, progress=None) -> Placed:
@@ -205,16 +206,19 @@ def fetch(entry: HubEntry, dest_dir: str, cache_dir: str | None = None, progress
     if os.path.dirname(os.path.abspath(target)) != dest_dir:  # target_name is a checked base name: belt and braces
         raise HubError(f"{entry.target_name!r} would be written outside {dest_dir}")
     if os.path.lexists(target):
-        sha = _verify_present(entry, target)
-        return Placed(target, entry.target_name, sha, False, _write_recipe(entry, target, sha))
+        sha, verified = _verify_present(entry, target)
+        return Placed(target, entry.target_name, sha, False, _write_recipe(entry, target, sha), verified)
     os.makedirs(dest_dir, exist_ok=True)
     cached = _download(entry, dest_dir, cache_dir, progress)
     sha = _place(entry, cached, target)
     return Placed(target, entry.target_name, sha, True, _write_recipe(entry, target, sha, _commit_of(cached, entry)))
 
 
-def _verify_present(entry: HubEntry, target: str) -> str:
-    """The sha256 of a file already at the target, when it is the entry's file; else a clear error.
+def _verify_present(entry: HubEntry, target: str) -> tuple[str, bool]:
+    """The sha256 of a file already at the target, when it is the entry's file, and whether that
+    was checked; else a clear error. A file of that name is only the entry's by its published
+    sha256 / size, or by the sidecar of an earlier download of the same repository file (whose
+    recorded sha256 it must still have); otherwise it is used, but not called verified.
 
     A sidecar that recorded this file's size and mtime spares re-hashing many gigabytes on every run.
     """
@@ -231,7 +235,9 @@ def _verify_present(entry: HubEntry, target: str) -> str:
             f"{target} is already there but is not {entry.repo_id}/{entry.filename} (sha256 {sha}, expected {entry.sha256}; "
             f"{stat.st_size} bytes). It was left untouched: move it away and run again to download the right file."
         )
-    return sha
+    ours = bool(recorded) and recorded.get("written_by") == "fastgen_core.hub" and recorded.get("sha256") == sha and (
+        recorded.get("repo_id"), recorded.get("filename")) == (entry.repo_id, entry.filename)
+    return sha, bool(entry.sha256 or entry.size) or ours
 
 
 def _recorded(target: str) -> dict | None:

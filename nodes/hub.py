@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import hub
+from .adapters import save_paths
 from .adapters.recipes import describe
 
 # The loaders' file-name inputs are combos, typed "COMBO" on V3 nodes; io.Combo.Output types itself as its
@@ -98,8 +99,14 @@ class FastGenHubDownload(io.ComfyNode):
 
         placed = hub.fetch(entry, target_folder(entry.folder), progress=progress)
         bar.update_absolute(1, 1)
-        state = "downloaded" if placed.downloaded else "already present, verified"
-        lines = [f"{placed.name} in {entry.folder}: {state}", f"from {entry.repo_id}/{entry.filename} "
+        if placed.downloaded:
+            state = "downloaded"
+        elif placed.verified:
+            state = "already present, verified"
+        else:  # a file of that name that this node did not download, and no published checksum to check it by
+            state = "already present, NOT verified (no published sha256; move it away to download it afresh)"
+        lines = [f"{placed.name} in {entry.folder}: {state}", f"as {save_paths.shown_path(placed.path)}",
+                 f"from {entry.repo_id}/{entry.filename} "
                  f"({(entry.revision or 'main')[:12]}), sha256 {placed.sha256[:16]}…"]
         if entry.recipe is not None:
             lines.append(f"recipe ({entry.student}): {describe(entry.recipe)}")

@@ -150,6 +150,21 @@ def test_a_different_file_at_the_target_is_left_alone_and_reported(hub_env, tmp_
     assert target.read_bytes() == b"someone else's file"
 
 
+def test_a_file_of_that_name_without_a_checksum_to_check_it_is_not_called_verified(hub_env, tmp_path):
+    """A custom or unpinned entry has no published sha256: a file that merely has its name was not
+    downloaded here and cannot be told apart from another, so it is not reported as verified."""
+    dest = tmp_path / "loras"
+    dest.mkdir()
+    (dest / "hub_lightx2v_step_distill_tiny.safetensors").write_bytes(b"someone else's file")
+    placed = hub.fetch(entry(), str(dest))
+    assert not placed.downloaded and not placed.verified
+    mine = tmp_path / "mine"
+    first = hub.fetch(entry(), str(mine))
+    assert first.downloaded and first.verified
+    again = hub.fetch(entry(), str(mine))  # its own earlier download: checked against the recorded sha256
+    assert not again.downloaded and again.verified
+
+
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
 def test_missing_file_offline_fails_fast_and_says_how_to_place_it(tmp_path, monkeypatch, offline):
     cache = str(tmp_path / "empty-cache")

@@ -68,7 +68,7 @@ def test_download_in_a_workflow_then_the_lora_loader_uses_its_recipe(hub_comfy):
     placed = os.path.join(hub_comfy.base, "models", "loras", FILENAME)
     assert os.path.isfile(placed) and os.path.isfile(placed + ".recipe.json")
     assert load_file(placed)  # a readable safetensors, byte-identical to the cached blob
-    assert text(entry, "hub").startswith(f"{FILENAME} in loras: downloaded")
+    assert text(entry, "hub").startswith(f"{FILENAME} in loras: downloaded\nas models/loras/{FILENAME}")
     assert "from its sidecar" in text(entry, "lora") and REPO in text(entry, "lora")
     assert text(entry, "s").startswith("4 steps, cfg 1, multistep_sde, sigmas 1, 0.938"), text(entry, "s")  # lightx2v at shift 5
     assert [p for p in hub_comfy.output_files(entry) if p.endswith(".latent")]
