@@ -486,6 +486,11 @@ def read_checkpoint(path: str) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if missing or not isinstance(state["student"], dict) or not state["student"]:
         raise ValueError(f"{path} is not a FastGen DMD training state (it lacks {', '.join(missing) or 'student LoRA weights'})")
+    iteration, history = state["iteration"], state["history"]
+    # one loss record per iteration done: the loop trusts the count, the loss chart the records
+    if (not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0 or not isinstance(history, list)
+            or len(history) != iteration or not all(isinstance(r, dict) and isinstance(r.get("fake_score"), float) for r in history)):
+        raise ValueError(f"{path}: its iteration count and loss history do not agree (a damaged or edited training state)")
     return state
 
 

@@ -1095,7 +1095,22 @@ def load_quantized(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, 
         if pre_quant_scale is not None:  # stored in the scaled space (see LayerQuantizers.quantized_weight)
             weight = weight / pre_quant_scale.float()
         tensors[f"{prefix}{name}.weight"] = weight.to(WEIGHT_DTYPES[spec["dtype"]])
+    _check_scales(path, info, state, info["weight_ranges"])
     return tensors, info, state, metadata
+
+
+def _check_scales(path: str, info: dict, state: dict[str, torch.Tensor], ranges: dict[str, torch.Tensor]):
+    """The saved ranges and scales a quantizer will divide by: finite numbers, at most one per
+    weight of a layer the header names (a NaN range would make every image NaN, silently)."""
+    layers = info["weights"]
+    for key, value in [*state.items(), *ranges.items()]:
+        layer = key.rsplit(".", 2)[0] if key in state else key
+        if layer not in layers:
+            raise ValueError(f"{path}: quantizer state {key!r} belongs to no quantized layer of the header")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"{path}: the saved range / scale {key!r} of {layer} is not all finite numbers (a damaged file)")
+        if value.numel() > math.prod(layers[layer]["shape"]):
+            raise ValueError(f"{path}: the saved range / scale {key!r} has {value.numel()} values, more than {layer}'s weights")
 
 
 def restore_quantizers(model: nn.Module, info: dict, state: dict[str, torch.Tensor]) -> LayerQuantizers:

@@ -131,6 +131,14 @@ def test_unreadable_training_states_are_refused_naming_the_file(tmp_path):
     damaged.write_bytes(b"PK\x03\x04 not a whole file")
     with pytest.raises(ValueError, match="cut.fastgen-resume is not a readable FastGen training state"):
         distill.read_checkpoint(str(damaged))
+    good = tmp_path / "good.fastgen-resume"
+    trainer().run(2, checkpoint_path=str(good))
+    state = torch.load(good, weights_only=True)
+    state["iteration"] = 10**9
+    edited = tmp_path / "edited.fastgen-resume"
+    torch.save(state, edited)
+    with pytest.raises(ValueError, match="edited.fastgen-resume: its iteration count and loss history do not agree"):
+        distill.read_checkpoint(str(edited))
     foreign = tmp_path / "foreign.fastgen-resume"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="foreign.fastgen-resume is not a FastGen DMD training state"):

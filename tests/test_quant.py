@@ -502,3 +502,33 @@ def test_an_edited_quant_header_is_refused_naming_the_file_and_layer(tmp_path, t
     with pytest.raises(ValueError, match=reason) as err:
         quant.load_quantized(edited)
     assert "edited.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("edit,reason", [
+    ("nan", "is not all finite numbers"),
+    ("stray", "belongs to no quantized layer of the header"),
+    ("huge", "more than"),
+])
+def test_edited_saved_ranges_are_refused_naming_the_file(tmp_path, edit, reason):
+    """The quantizers divide by the saved ranges: a NaN one would turn every output NaN without
+    an error, so ranges and scales are checked when the file is read."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    net = checkpoint.load_network(TEACHER)[0]
+    path = str(tmp_path / "q.safetensors")
+    quant.save_quantized(path, net.state_dict(), quant.quantize_model(net, "int8"))
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    ranged = sorted(k for k in tensors if k.startswith(quant.RANGE_PREFIX))[0]
+    if edit == "nan":
+        tensors[ranged] = torch.full_like(tensors[ranged], float("nan"))
+    elif edit == "stray":
+        tensors[quant.STATE_PREFIX + "nowhere.weight_quantizer._amax"] = torch.ones(1)
+    else:
+        tensors[ranged] = torch.ones(10**6)
+    edited = str(tmp_path / "edited.safetensors")
+    save_file(tensors, edited, metadata=metadata)
+    with pytest.raises(ValueError, match=reason) as err:
+        quant.load_quantized(edited)
+    assert "edited.safetensors" in str(err.value)
