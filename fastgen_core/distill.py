@@ -306,6 +306,7 @@ class DMDTrainer:
         self.teacher = AdapterView(net, switch, None)
         self.real_data, self.discriminator, self.disc_opt, self._gan_hook = real_data, None, None, None
         if settings.gan_weight > 0:
+            torch.manual_seed(settings.seed)  # the head's initial weights: the same for every trainer of this seed
             if real_data is None or feature_grid is None:
                 raise ValueError("gan_weight > 0 needs real data (real_data) and the token grid of the teacher's features "
                                  "(feature_grid); DMD2's GAN compares generated samples with real ones")
