@@ -220,8 +220,9 @@ def _save(state: dict, path: str, recipe=None):
     return path
 
 
-def make_models(base: str, big: bool, perf: set[str]) -> dict:
-    """The model files the workflows name, at their real sizes; returns {what: description}."""
+def make_models(base: str, big: bool, perf: set[str], workflows: bool = True) -> dict:
+    """The model files the workflows name, at their real sizes; returns {what: description}. The 14B
+    Wan (`big`) only when the workflows run: the timings use the 1.3B one."""
     import torch
     from tiny_models import tiny_wan_state_dict
 
@@ -235,7 +236,7 @@ def make_models(base: str, big: bool, perf: set[str]) -> dict:
     _save(wan, os.path.join(models, "diffusion_models", "self_forcing_dmd.safetensors"))
     made["Wan 2.1 1.3B"] = f"{sum(v.numel() for v in wan.values()) / 1e9:.2f} B params, bf16"
     lora_model = wan
-    if big:
+    if big and workflows:
         wan14 = tiny_wan_state_dict(**WAN_SIZES["14B"], dtype=torch.bfloat16, device=DEVICE)
         _save(wan14, os.path.join(models, "diffusion_models", "wan2.1_t2v_14B_fp16.safetensors"))
         made["Wan 2.1 14B"] = f"{sum(v.numel() for v in wan14.values()) / 1e9:.2f} B params, bf16"
@@ -365,13 +366,13 @@ def run_workflows(host: Host, dtypes: list[str], only: str, dmd_iterations: int)
     return rows
 
 
-def _reseeded(prompt: dict) -> dict:
+def _reseeded(prompt: dict, offset: int = 1) -> dict:
     """The same prompt with new seeds, so that the samplers run again (upstream nodes stay cached)."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         for key in ("seed", "noise_seed"):
             if isinstance(node["inputs"].get(key), int) and node["class_type"] != "FastGenTestConditioning":
-                node["inputs"][key] += 1
+                node["inputs"][key] += offset
         if node["class_type"] == "FastGenDistillDMD":
             node["inputs"]["save_name"] += "_again"
     return prompt
@@ -522,7 +523,7 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
         compile, graphs = CAUSAL_SETTINGS[setting]
         prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
         for i in range(videos):
-            queue(f"{setting}, allocator {host.allocator}, Queue {i + 1}", _reseeded(prompt) if i % 2 else prompt)
+            queue(f"{setting}, allocator {host.allocator}, Queue {i + 1}", _reseeded(prompt, offset=i))
     if profile_dir:
         import gpu_gaps
 
@@ -531,7 +532,7 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
         torch = host.torch
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with gpu_gaps.annotated(), torch.profiler.profile(activities=activities) as prof:
-            queue(f"{settings[0]}, profiled", _reseeded(prompt))
+            queue(f"{settings[0]}, profiled", _reseeded(prompt, offset=1000))  # seeds no earlier Queue had
         os.makedirs(profile_dir, exist_ok=True)
         path = os.path.join(profile_dir, "causal_trace.json")
         prof.export_chrome_trace(path)
@@ -561,12 +562,30 @@ def dmd_perf(host: Host, iterations: int = 10) -> list[str]:
             "gradient_checkpointing": True}},
         "p": {"class_type": "PreviewImage", "inputs": {"images": ["d", 2]}},
     }
-    result = host.run(prompt)
+    trainer = next(m.DMDTrainer for name, m in list(sys.modules.items())
+                   if name.endswith(".fastgen_core.distill") and hasattr(m, "DMDTrainer"))
+    step, seconds = trainer.train_step, []
+
+    def timed_step(self, *args, **kwargs):  # each step ends in .item() of its losses: the GPU is done
+        start = time.perf_counter()
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    trainer.train_step = timed_step
+    try:
+        result = host.run(prompt)
+    finally:
+        trainer.train_step = step
+    # iterations 0, 2, 4 ... update the student too (update ratio 2); the first two warm up
+    student, fake = seconds[2::2], seconds[3::2]
+    per_step = (f"student iteration {statistics.median(student):.2f} s, fake-score iteration {statistics.median(fake):.2f} s "
+                f"(medians of {len(student)} / {len(fake)} after 2 warm-up)" if student and fake else "no steady iterations")
     line = (f"DMD node, Wan-1.3B size, 832x480x81 (21 latent frames), rank 64, update ratio 2, {iterations} iterations, "
             f"gradient checkpointing: "
-            f"{'ok' if result['ok'] else 'FAILED ' + result['error']}; {result['seconds']:.1f} s "
-            f"({result['seconds'] / iterations:.2f} s per iteration incl. load + preview); peak {result['peak_gib']:.1f} GiB; "
-            f"node: {result['texts'].get('d', '')[:300]}")
+            f"{'ok' if result['ok'] else 'FAILED ' + result['error']}; prompt {result['seconds']:.1f} s; {per_step}; "
+            f"peak {result['peak_gib']:.1f} GiB; node: {result['texts'].get('d', '')[:300]}")
     print(line, flush=True)
     return [line]
 
@@ -620,7 +639,7 @@ def main():
         PEAK_TFLOPS = measure_peak_tflops()
     print(f"# host up in {time.perf_counter() - started:.1f} s; {device_name}, torch {torch.__version__}, "
           f"allocator {host.allocator}; bf16 GEMM {PEAK_TFLOPS:.0f} TFLOP/s", flush=True)
-    made = make_models(base, args.big, perf)
+    made = make_models(base, args.big, perf, workflows=not args.no_workflows)
     print("# models: " + "; ".join(f"{k}: {v}" for k, v in made.items()), flush=True)
     print("# text encoders: a fixed random conditioning of their output's shape (umt5 512x4096; SDXL 77x2048 + 1280; "
           "Flux 256x4096 + 768)", flush=True)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
-from .adapters.causal_loop import causal_chunks
+from .adapters.causal_loop import FrameSink, causal_chunks
 from .adapters.recipes import model_recipe, recipe_sigmas
 from .adapters.wan_causal import ASYNC_ALLOCATOR_NOTE, WanCausalRun, graphs_need_eager_blocks, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
@@ -33,19 +33,24 @@ from .tiny_vae import TinyDecoder, frames_as_images, stream_decoder, to_model_sp
 
 
 def chunk_decoder(model, vae, tiny_decoder):
-    """`decode(chunk LATENT samples)` -> the chunk's IMAGE frames [B*F, H, W, 3] in 0..1 on the
+    """(`decode(chunk LATENT samples)` -> the chunk's IMAGE frames [B*F, H, W, 3] in 0..1 on the
     decoder's device (the loop brings them over), keeping the decoder's causal state between
-    chunks: the tiny decoder when given, else the VAE, else None."""
+    chunks; `frames(latent_frames)` -> the video frames it makes of that many latent frames, or None):
+    the tiny decoder when given, else the VAE, else (None, None)."""
     if tiny_decoder is not None:
         if tiny_decoder.latent_channels != model.model.latent_format.latent_channels:
             raise ValueError(f"the tiny decoder takes {tiny_decoder.latent_channels}-channel latents; this model makes "
                              f"{model.model.latent_format.latent_channels} (use taew2_1 for Wan 2.1)")
         tiny = stream_decoder(tiny_decoder)
-        return lambda chunk: frames_as_images(tiny(to_model_space(tiny_decoder, chunk)), to_cpu=False)
+        return (lambda chunk: frames_as_images(tiny(to_model_space(tiny_decoder, chunk)), to_cpu=False),
+                tiny_decoder.output_frames)
     if vae is not None:
         full = streaming_decoder(vae)
-        return lambda chunk: frames_as_images(vae.process_output(full(chunk.to(vae.device, vae.vae_dtype)).float()), to_cpu=False)
-    return None
+        ratio = vae.upscale_ratio  # (frames of latent frames, 8, 8) for video VAEs; a number for image VAEs
+        frames = ratio[0] if isinstance(ratio, tuple) and callable(ratio[0]) else None
+        return (lambda chunk: frames_as_images(vae.process_output(full(chunk.to(vae.device, vae.vae_dtype)).float()),
+                                               to_cpu=False), frames)
+    return None, None
 
 
 def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
@@ -208,9 +213,10 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         inputs = model_conds(causal.model, positive, "positive", tuple(samples.shape[1:2]) + (chunk_frames,) + tuple(samples.shape[3:]),
                              device)[0]
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
-        decode = chunk_decoder(model, vae, tiny_decoder)
+        decode, frames_for = chunk_decoder(model, vae, tiny_decoder)
+        frames = FrameSink(samples.shape[0] * frames_for(total) if frames_for is not None else None)
         pbar = comfy.utils.ProgressBar(chunks)
-        out, frames, timings = [], [], []
+        out, timings = [], []
         for chunk in causal_chunks(causal, run, positive, samples, recipe_sampler(sampler_name, recipe), sigmas, first_sigmas,
                                    chunk_frames, seed, inputs, context_options(causal), decode):
             out.append(chunk.latents)
@@ -218,19 +224,19 @@ class FastGenCausalVideoSampler(io.ComfyNode):
             if chunk.index == 0:
                 first_ready = time.perf_counter() - started
             if chunk.frames is not None:
-                frames.append(chunk.frames)
+                frames.add(chunk.frames)
                 preview = ("JPEG", Image.fromarray((chunk.frames[-1].numpy() * 255).round().astype("uint8")), 512)
             else:
                 preview = previewer.decode_latent_to_preview_image("JPEG", chunk.latents[:1]) if previewer is not None else None
             pbar.update_absolute(chunk.index + 1, chunks, preview)
         result = latent.copy()
         result["samples"] = torch.cat(out, dim=2).to(comfy.model_management.intermediate_device())
-        video = torch.cat(frames) if frames else latent_colours(model.model.latent_format, result["samples"])
+        video = frames.result() if decode is not None else latent_colours(model.model.latent_format, result["samples"])
         text = (f"{chunks} chunks of {chunk_frames} latent frames, {len(sigmas) - 1} steps each "
                 f"({len(first_sigmas) - 1} for the first); cache holds {cache.frames} frames "
                 f"({cache.nbytes() / 2**20:.1f} MiB), {cache.evicted} evicted; first chunk {timings[0]:.2f} s, "
                 f"later {sum(timings[1:]) / max(1, len(timings) - 1):.2f} s per chunk")
-        shown, unit = (video.shape[0], "frames") if frames else (total, "latent frames")
+        shown, unit = (video.shape[0], "frames") if decode is not None else (total, "latent frames")
         seconds = time.perf_counter() - started
         text += (f"; from the node's start: first chunk after {first_ready:.3f} s, {shown} {unit} in {seconds:.2f} s "
                  f"({shown / seconds:.1f} per second)")

@@ -74,6 +74,29 @@ def chunk_noise(generator: torch.Generator, shape, device) -> torch.Tensor:
     return noise.to(device)
 
 
+class FrameSink:
+    """A video's frames gathered chunk by chunk into one tensor, as they arrive: no concatenation at the
+    end (81 frames at 480p are 0.4 GB, whose copy would add tens of milliseconds after the last chunk).
+    `capacity`: the frames the decoder will give in all, if known; more are taken too."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity, self.video, self.count = capacity or 0, None, 0
+
+    def add(self, frames: torch.Tensor):
+        n = frames.shape[0]
+        if self.video is None:
+            self.video = torch.empty((max(self.capacity, n), *frames.shape[1:]), dtype=frames.dtype)
+        elif self.count + n > self.video.shape[0]:
+            grown = torch.empty((2 * (self.count + n), *frames.shape[1:]), dtype=frames.dtype)
+            grown[:self.count] = self.video[:self.count]
+            self.video = grown
+        self.video[self.count:self.count + n] = frames
+        self.count += n
+
+    def result(self) -> torch.Tensor | None:
+        return None if self.video is None else self.video[:self.count]
+
+
 def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict, options: dict):
     """The finished chunk once more at noise level 0: its keys and values go into the cache.
     `options`: the transformer_options of this pass (see the node's `context_options`)."""

@@ -166,3 +166,16 @@ def test_the_context_pass_runs_the_quantized_layers_and_no_cache(comfy):
     video["s"]["inputs"]["model"] = ["k", 0]
     latent, _ = run_latent(comfy, video)
     assert torch.isfinite(latent).all()
+
+
+def test_frame_sink_gathers_chunks_in_order_and_grows_past_its_capacity():
+    from comfy_host import import_host_in_process, import_pack_module
+
+    causal_loop = import_host_in_process(lambda: import_pack_module("nodes.adapters.causal_loop"))
+    chunks = [torch.full((n, 2, 3, 3), float(i)) for i, n in enumerate((1, 4, 4))]
+    for capacity in (9, 2, None):
+        sink = causal_loop.FrameSink(capacity)
+        for chunk in chunks:
+            sink.add(chunk)
+        assert torch.equal(sink.result(), torch.cat(chunks)), capacity
+    assert causal_loop.FrameSink(4).result() is None
