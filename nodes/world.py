@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..fastgen_core.graphs import ForwardGraphs
 from ..fastgen_core.world import KVCache
+from .adapters import inputs
 from .adapters.causal_loop import FrameSink, causal_chunks
 from .adapters.recipes import model_recipe, recipe_sigmas
 from .adapters.wan_causal import ASYNC_ALLOCATOR_NOTE, WanCausalRun, graphs_need_eager_blocks, make_causal
@@ -177,6 +178,10 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                                         "chunk (with a VAE or tiny decoder), else the latent preview "
                                                         "colours at 8x.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cuda_graphs: str = "off"):
+        return inputs.widget_problem(cls, cuda_graphs=cuda_graphs) or True
 
     @classmethod
     def execute(cls, model, positive, latent, chunk_frames, steps, first_chunk_steps, window_frames, sink_frames,

@@ -91,7 +91,16 @@ CASES = {
     "dmd lora_rank": (lambda oi: dmd(lora_rank=0), "d", "smaller than min of 1"),
     "dmd iterations": (lambda oi: dmd(iterations=-5), "d", "smaller than min of 1"),
     "world max_fps NaN": (lambda oi: session_prompt(max_fps=NAN), "1", "max_fps input is nan"),
+    "causal cuda_graphs": (lambda oi: causal(cuda_graphs="always"), "s", "cuda_graphs input 'always' is not one of its choices: off"),
 }
+
+
+def causal(**values):
+    from test_world_nodes import causal_graph
+
+    prompt = causal_graph()
+    prompt["s"]["inputs"].update(values)
+    return prompt
 
 
 def dmd(**values):
