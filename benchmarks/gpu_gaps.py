@@ -37,7 +37,8 @@ TARGETS = [
 ]
 
 
-def _module(name: str):
+def module_named(name: str):
+    """A module by name; "*.x.y": the loaded module whose name ends in ".x.y" (the pack's, under its folder name)."""
     if not name.startswith("*"):
         return importlib.import_module(name)
     return next((m for key, m in list(sys.modules.items()) if key.endswith(name[1:]) and m is not None), None)
@@ -63,7 +64,7 @@ def annotated(targets=TARGETS):
     undo = []
     try:
         for module_name, path in targets:
-            owner = _module(module_name)
+            owner = module_named(module_name)
             *parents, attr = path.split(".")
             for parent in parents:
                 owner = getattr(owner, parent, None) if owner is not None else None

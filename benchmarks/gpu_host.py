@@ -562,8 +562,9 @@ def dmd_perf(host: Host, iterations: int = 10) -> list[str]:
             "gradient_checkpointing": True}},
         "p": {"class_type": "PreviewImage", "inputs": {"images": ["d", 2]}},
     }
-    trainer = next(m.DMDTrainer for name, m in list(sys.modules.items())
-                   if name.endswith(".fastgen_core.distill") and hasattr(m, "DMDTrainer"))
+    import gpu_gaps
+
+    trainer = gpu_gaps.module_named("*.fastgen_core.distill").DMDTrainer
     step, seconds = trainer.train_step, []
 
     def timed_step(self, *args, **kwargs):  # each step ends in .item() of its losses: the GPU is done

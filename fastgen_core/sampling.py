@@ -95,13 +95,17 @@ def predicted_noise(x, sigma, denoised, alpha=flow_alpha):
     return (x - alpha(sigma) * denoised) / sigma
 
 
+def cpu_noise(shape, generator, dtype, device) -> torch.Tensor:
+    """Noise from a CPU generator (the same samples on any device), copied to `device`. On a GPU the
+    copy goes through pinned memory, queued: from pageable memory it would wait for the GPU."""
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device="cpu")
+    if torch.device(device).type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
+
+
 def _noise_like(x, generator):
-    """Noise from a CPU generator (the same samples on any device), copied to x's device. On a GPU
-    the copy goes through pinned memory, queued: from pageable memory it would wait for the GPU."""
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-    if x.device.type == "cuda":
-        return noise.pin_memory().to(x.device, non_blocking=True)
-    return noise.to(x.device)
+    return cpu_noise(x.shape, generator, x.dtype, x.device)
 
 
 def _report(callback, i, x, sigma, denoised):

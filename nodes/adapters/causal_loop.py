@@ -22,6 +22,7 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
+from ...fastgen_core import sampling
 from .wan_causal import WanCausalRun, compute_dtype
 
 
@@ -62,16 +63,6 @@ def decode_beside(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch
         done.record(stream)
     latents.record_stream(stream)  # its memory is not handed out again before the decode has read it
     return lambda: (done.synchronize(), host)[1]
-
-
-def chunk_noise(generator: torch.Generator, shape, device) -> torch.Tensor:
-    """The next chunk's noise from the video's CPU generator (the same noise on any device), drawn in
-    chunk order, so a video's first chunks do not depend on how long it is. On a GPU the copy is
-    queued from pinned memory: from pageable memory it would wait for the GPU."""
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if torch.device(device).type == "cuda":
-        return noise.pin_memory().to(device, non_blocking=True)
-    return noise.to(device)
 
 
 class FrameSink:
@@ -136,7 +127,8 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
     for i in range(chunks):
         start = time.perf_counter()
         span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
-        noise = chunk_noise(generator, latent[:, :, span].shape, device)
+        # drawn in chunk order: a video's first chunks do not depend on how long it is
+        noise = sampling.cpu_noise(latent[:, :, span].shape, generator, torch.float32, device)
         run.begin_chunk(noise.shape, device, dtype)
         latents = guider.sample(noise, latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
                                 disable_pbar=True, seed=seed + i)
