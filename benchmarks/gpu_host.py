@@ -494,13 +494,44 @@ def model_flops(host: Host, family: str) -> float:
 CAUSAL_SETTINGS = {"compile+kept": (True, "kept"), "compile": (True, "off"), "kept": (False, "kept"), "eager": (False, "off")}
 
 
-def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: str | None = None) -> list[str]:
+def _sync_sites(torch, run, top: int = 12) -> list[str]:
+    """Where `run()` makes the CPU wait for the GPU: PyTorch's sync debug mode warns at each
+    synchronising call; the Python stack of each warning is cut to its last frames in the host or
+    the pack, and the sites are counted."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        ours = [f for f in frames if "/comfy" in f.filename or "/ComfyUI" in f.filename or PACK_NAME in f.filename
+                or "fastgen" in f.filename]
+        sites[" < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{count:4d} x {site}" for site, count in sites.most_common(top)]
+
+
+def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: str | None = None,
+                checks: bool = False) -> list[str]:
     """The Causal Video Sampler node (tiny decoder; Wan-1.3B size, 832x480, 81 frames) through the
     executor, `videos` Queues per setting of compile / cuda_graphs in this process: the node's own
     timing report of each (with compile + kept graphs the first compiles, the second captures, later
     ones replay: compare those with `benchmarks/causal_video.py --variants compile+chunkgraphs+tiny
     --warmup-videos 2`). The frames go to a sink, not a file: no encoding in the prompt's time.
-    `profile_dir`: one more Queue of the first setting under the profiler, with its GPU idle gaps."""
+    `profile_dir`: one more Queue of the first setting under the profiler, with its GPU idle gaps.
+    `checks`: two Queues of one seed, the second with the context pass and the decoder on the
+    sampling stream (no side streams): their latents must agree (the streams' ordering); then one
+    Queue under PyTorch's sync debug mode, listing where the CPU waits for the GPU."""
     from workflow_api import ui_to_api
 
     host.weight_dtype(None)
@@ -524,6 +555,34 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
         prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
         for i in range(videos):
             queue(f"{setting}, allocator {host.allocator}, Queue {i + 1}", _reseeded(prompt, offset=i))
+    if checks:
+        import gpu_gaps
+
+        causal_loop = gpu_gaps.module_named("*.nodes.adapters.causal_loop")
+        torch = host.torch
+        checked = _reseeded(prompt, offset=2000)
+
+        def latent():
+            result = host.run(checked)
+            return host.executor.caches.outputs.get(sampler)[0][0]["samples"].float() if result["ok"] else result["error"]
+
+        beside, side_stream = latent(), causal_loop._side_stream
+        causal_loop._side_stream = lambda device, purpose: torch.cuda.current_stream(device)
+        try:
+            host.executor.reset()  # the same prompt again: not from the cache
+            serial = latent()
+        finally:
+            causal_loop._side_stream = side_stream
+        if isinstance(beside, str) or isinstance(serial, str):
+            lines.append(f"causal node [stream check]: FAILED {beside if isinstance(beside, str) else serial}")
+        else:
+            difference = float((beside - serial).abs().max())
+            lines.append(f"causal node [stream check]: side streams vs one stream, same seed: max |difference| "
+                         f"{difference:.3g} (latent scale {float(serial.abs().max()):.3g})")
+        print(lines[-1], flush=True)
+        sites = _sync_sites(torch, lambda: host.run(_reseeded(prompt, offset=3000)))
+        lines += [f"causal node [sync sites, one Queue] {site}" for site in sites] or ["causal node [sync sites]: none"]
+        print("\n".join(lines[-len(sites) or -1:]), flush=True)
     if profile_dir:
         import gpu_gaps
 
@@ -615,6 +674,8 @@ def main():
     parser.add_argument("--causal-videos", type=int, default=5, help="Queues per causal setting")
     parser.add_argument("--profile", action="store_true", help="with --perf causal: one more Queue under the profiler; "
                         "prints where the GPU waits (benchmarks/gpu_gaps.py) and leaves the trace in --out")
+    parser.add_argument("--causal-checks", action="store_true", help="with --perf causal: the side streams' results "
+                        "against one stream, and where the CPU waits for the GPU (PyTorch's sync debug mode)")
     parser.add_argument("--big", action="store_true", help="Wan 2.1 14B for the LoRA workflow, and a Flux-size student")
     parser.add_argument("--dmd-iterations", type=int, default=20)
     parser.add_argument("--host-args", default="", help="more main.py arguments, e.g. --disable-cuda-malloc")
@@ -652,7 +713,8 @@ def main():
         results["workflows"] = run_workflows(host, [d for d in args.dtypes.split(",") if d], args.only, args.dmd_iterations)
     profile_dir = (args.out or base) if args.profile else None
     for name, fn in (("sampler", lambda: student_sampler_perf(host, args.big)),
-                     ("causal", lambda: causal_perf(host, args.causal_settings.split(","), args.causal_videos, profile_dir)),
+                     ("causal", lambda: causal_perf(host, args.causal_settings.split(","), args.causal_videos, profile_dir,
+                                                        args.causal_checks)),
                      ("dmd", lambda: dmd_perf(host))):
         if name in perf:
             try:

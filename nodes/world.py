@@ -25,7 +25,7 @@ from ..fastgen_core.world import KVCache
 from .adapters import inputs
 from .adapters.causal_loop import FrameSink, causal_chunks
 from .adapters.recipes import model_recipe, recipe_sigmas
-from .adapters.wan_causal import ASYNC_ALLOCATOR_NOTE, WanCausalRun, graphs_need_eager_blocks, make_causal
+from .adapters.wan_causal import ASYNC_ALLOCATOR_NOTE, RUN_KEY, WanCausalRun, graphs_need_eager_blocks, make_causal
 from .adapters.wan_vae_stream import streaming_decoder
 from .distill import model_conds
 from .quant import WRAPPER_KEY as QUANTIZE_WRAPPER_KEY
@@ -80,13 +80,14 @@ def quantize_wrappers(model) -> list:
 
 def context_options(model) -> dict:
     """transformer_options for the context pass. It runs outside sampling, where the host hands the
-    MODEL's wrappers to the model; it gets the quantize wrapper (the cached keys must come from the
-    same quantized layers as the denoising passes) and no other: a caching wrapper could reuse an
-    earlier output instead of running the blocks whose keys the cache needs."""
+    MODEL's wrappers to the model; it gets the causal run's forward wrapper and the quantize wrapper
+    (the cached keys must come from the same quantized layers as the denoising passes) and no other:
+    a caching wrapper could reuse an earlier output instead of running the blocks whose keys the
+    cache needs."""
     options = dict(model.model_options["transformer_options"])
-    quantize = quantize_wrappers(model)
-    if quantize:
-        options["wrappers"] = {WrappersMP.APPLY_MODEL: {QUANTIZE_WRAPPER_KEY: quantize}}
+    kept = (RUN_KEY, QUANTIZE_WRAPPER_KEY)
+    wrappers = {kind: {key: list(fns) for key, fns in by_key.items() if key in kept} for kind, by_key in model.wrappers.items()}
+    options["wrappers"] = {kind: by_key for kind, by_key in wrappers.items() if by_key}
     return options
 
 

@@ -8,6 +8,9 @@ device and keep their values on the CPU; an op that mixes them with a CPU tensor
 dimensions raises the same error as CUDA does. What CUDA allows stays allowed: 0-dim CPU tensors
 (scalars) beside device tensors, copies between devices, and CPU index tensors. A CPU generator
 used to draw on the device fails, as it does on CUDA.
+
+`copies_from_cpu` counts the copies of CPU tensors onto the device: on CUDA each is a blocking copy
+(`.to(device)` without pinned memory and non_blocking) that makes the CPU wait for the GPU to drain.
 """
 
 from __future__ import annotations
@@ -57,12 +60,19 @@ def _is_device(device) -> bool:
 
 
 class SimulatedDevice(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.copies_from_cpu = 0
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         on_dev = any(isinstance(t, OnDevice) for t in tensors)
         to_device = _is_device(kwargs.get("device"))
+        if func is torch.ops.aten._to_copy.default and to_device and not isinstance(args[0], OnDevice) or \
+                func is torch.ops.aten.copy_.default and isinstance(args[0], OnDevice) and not isinstance(args[1], OnDevice):
+            self.copies_from_cpu += 1
         if to_device:
             generator = kwargs.get("generator")
             if generator is not None and generator.device.type == "cpu":

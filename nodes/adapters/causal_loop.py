@@ -7,7 +7,8 @@ wan_causal`). The GPU should never wait for the CPU between chunks, so what a ch
 the device once per video (the latent, the sigmas and the prompt's tensors: the host would copy a CPU
 prompt to the device at every step, and each such copy waits for the GPU) or queued ahead from pinned
 memory (each chunk's noise), and the chunks' latents stay there until the video is done. Each chunk is
-decoded and its frames come over on a stream of their own, beside the context pass.
+decoded and its frames come over on a stream of their own, and the context pass runs on another, so
+that the host's synchronising setup of the next chunk does not wait for it (`Beside`).
 """
 
 from __future__ import annotations
@@ -44,25 +45,48 @@ def conditioning_on(conditioning: list, device) -> list:
 
 
 @functools.cache
-def _frames_stream(device: torch.device) -> torch.cuda.Stream:
+def _side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
+
+
+class Beside:
+    """CUDA work queued on a stream of its own (one per `purpose`), after everything queued so far on
+    the current stream: `with Beside(device, "frames", reads=(x,)) as beside: ...`; then `beside.done`
+    is an event recorded after it. Elsewhere than CUDA the work runs inline and `done` is None.
+    `reads`: tensors of the current stream's that the work reads (their memory is not handed out
+    again before it has)."""
+
+    def __init__(self, device: torch.device, purpose: str, reads: tuple = ()):
+        self.device, self.purpose, self.reads = torch.device(device), purpose, reads
+        self.done, self._context = None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            stream = _side_stream(self.device, self.purpose)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            for tensor in self.reads:
+                tensor.record_stream(stream)
+            self._context = torch.cuda.stream(stream)
+            self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._context is not None:
+            self.done = torch.cuda.Event()
+            self.done.record()
+            self._context.__exit__(*exc)
+        return False
 
 
 def decode_beside(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Decode a chunk and copy its frames to the host on a stream of their own, beside the work queued
     after this call (the context pass); returns a function that waits for those frames alone and gives
     the CPU tensor. The decoder's state between chunks lives on that stream too, in chunk order."""
-    if latents.device.type != "cuda":
-        images = decode(latents).cpu()
-        return lambda: images
-    stream = _frames_stream(latents.device)
-    stream.wait_stream(torch.cuda.current_stream(latents.device))
-    with torch.cuda.stream(stream):
-        host = decode(latents).to("cpu", non_blocking=True)  # into pinned memory
-        done = torch.cuda.Event()
-        done.record(stream)
-    latents.record_stream(stream)  # its memory is not handed out again before the decode has read it
-    return lambda: (done.synchronize(), host)[1]
+    with Beside(latents.device, "frames", reads=(latents,)) as beside:
+        host = decode(latents).to("cpu", non_blocking=latents.device.type == "cuda")  # into pinned memory
+    if beside.done is None:
+        return lambda: host
+    return lambda: (beside.done.synchronize(), host)[1]
 
 
 class FrameSink:
@@ -90,15 +114,22 @@ class FrameSink:
 
 def context_pass(model, run: WanCausalRun, latents: torch.Tensor, inputs: dict, options: dict):
     """The finished chunk once more at noise level 0: its keys and values go into the cache.
-    `options`: the transformer_options of this pass (see the node's `context_options`)."""
+    `options`: the transformer_options of this pass (see the node's `context_options`).
+
+    On a GPU it is queued on a stream of its own: the host's setup of the next chunk synchronises
+    the sampling stream (it reads the latent and the sigmas on the CPU), and would otherwise wait for
+    this pass and leave the GPU idle for the rest of the setup. The next chunk's first forward waits
+    for it on the GPU (`WanCausalRun.wait_for_context`)."""
     comfy.model_management.load_models_gpu([model])
     base = model.model
     device = comfy.model_management.get_torch_device()
     x = latents.to(device)
-    run.begin_chunk(x.shape, device, compute_dtype(base), write=True)
-    with torch.no_grad():
-        base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=options, **inputs)
-    run.end_chunk(x.shape[2])
+    with Beside(device, "context", reads=(x,)) as beside:
+        run.begin_chunk(x.shape, device, compute_dtype(base), write=True)
+        with torch.no_grad():
+            base.apply_model(x, torch.zeros(x.shape[0], device=device), transformer_options=options, **inputs)
+        run.end_chunk(x.shape[2])
+    run.context_done = beside.done
 
 
 def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sampler, sigmas: torch.Tensor,
@@ -136,3 +167,4 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
         if i + 1 < chunks:
             context_pass(causal, run, latents, context_inputs, context_options)
         yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
+    run.wait_for_context()  # whatever the caller queues next sees the cache complete

@@ -27,18 +27,28 @@ pass its result on. The graph's inputs are the blocks' (tokens, text context, ti
 chunk's rotary embedding) and its key is the cache's layout (held length and buffer addresses), so
 a chunk's denoising steps and its context pass share one graph; after a replayed context pass the
 chunk's keys and values are already in the cache's slots, where `end_chunk` finds them. The
-embeddings and the head stay eager: the host builds its timestep embedding from a CPU tensor,
-which a CUDA graph cannot record. Only the text-to-video WanModel is graphed (its blocks take no
+embeddings and the head stay eager. Only the text-to-video WanModel is graphed (its blocks take no
 image context); other Wan variants run their blocks eagerly.
+
+A wrapper around the diffusion model's forward (`causal_forward`) keeps the CPU from waiting for the
+GPU at every step: the host's timestep embedding copies a CPU `arange` to the GPU, a blocking copy
+that drains the stream; during a causal forward the host module's function is swapped for the same
+arithmetic made on the device (`timestep_embedding_on_device`). The wrapper also makes the forward
+wait, on the GPU, for the context pass queued on a stream of its own (`WanCausalRun.context_done`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import math
+import threading
+from collections import Counter
 
 import torch
+from comfy.patcher_extension import WrappersMP
 
 from ...fastgen_core.graphs import ForwardGraphs
 from ...fastgen_core.world import KVCache
@@ -93,6 +103,7 @@ class WanCausalRun:
         self.mask = None  # block-causal mask for a whole-sequence forward (the reference path)
         self.layer, self.attention_calls = None, 0
         self.blocks_done = False  # the graphed stack ran every block: the later patches pass its output on
+        self.context_done = None  # CUDA event of the last context pass, queued on a stream of its own
         if graphs is not None and (type(diffusion_model).__name__ != "WanModel"
                                    or getattr(diffusion_model, "img_emb", None) is not None):
             kind = type(diffusion_model).__name__ + (" with image inputs" if getattr(diffusion_model, "img_emb", None) is not None else "")
@@ -125,6 +136,13 @@ class WanCausalRun:
         # additive, not boolean: every attention back end of the host adds a float mask the same way
         self.mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         self.freqs, self.write = None, False
+
+    def wait_for_context(self):
+        """The current stream waits, on the GPU, for the last context pass (its keys and values, and
+        the graphs' buffers, are what the next forward reads); the CPU goes on."""
+        if self.context_done is not None:
+            self.context_done.wait()
+            self.context_done = None
 
     def end_chunk(self, frames: int):
         """After the context pass: the chunk's keys and values join the cache."""
@@ -257,6 +275,55 @@ def causal_attention(func, q, k, v, *args, **kwargs):
     return func(q, keys, values, *args, **kwargs)
 
 
+def timestep_embedding_on_device(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """comfy.ldm.wan.model.sinusoidal_embedding_1d with its frequencies made on the position's device
+    (the host makes them on the CPU and copies them over: a blocking copy, which makes the CPU wait
+    for the GPU at every forward). The same operations on the same values: the same result."""
+    half = dim // 2
+    position = position.type(torch.float32)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, device=position.device).to(position).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+_swap_lock = threading.Lock()
+_swap_users: Counter = Counter()  # host module -> forwards running with the swapped embedding
+_host_embeddings: dict = {}  # host module -> its own sinusoidal_embedding_1d while swapped
+
+
+@contextlib.contextmanager
+def device_timestep_embedding(module):
+    """While inside, `module.sinusoidal_embedding_1d` (the host's Wan model module) is
+    `timestep_embedding_on_device`. Counted, so overlapping forwards (another thread's) restore the
+    host's function only when the last one leaves."""
+    if not callable(getattr(module, "sinusoidal_embedding_1d", None)):
+        yield
+        return
+    with _swap_lock:
+        if _swap_users[module] == 0:
+            _host_embeddings[module] = module.sinusoidal_embedding_1d
+            module.sinusoidal_embedding_1d = timestep_embedding_on_device
+        _swap_users[module] += 1
+    try:
+        yield
+    finally:
+        with _swap_lock:
+            _swap_users[module] -= 1
+            if _swap_users[module] == 0:
+                module.sinusoidal_embedding_1d = _host_embeddings.pop(module)
+
+
+def causal_forward(executor, *args, **kwargs):
+    """The DIFFUSION_MODEL wrapper of a causal run: its forward waits (on the GPU) for the last
+    context pass and computes the timestep embedding without a host sync."""
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+    run = _run(options)
+    if run is None:
+        return executor(*args, **kwargs)
+    run.wait_for_context()
+    with device_timestep_embedding(inspect.getmodule(type(run.diffusion_model))):
+        return executor(*args, **kwargs)
+
+
 def make_causal(model, run: WanCausalRun):
     """A clone of a Wan MODEL whose forwards go through `run` (block patches + attention override)."""
     diffusion_model = model.get_model_object("diffusion_model")
@@ -270,4 +337,5 @@ def make_causal(model, run: WanCausalRun):
         raise ValueError("this MODEL already has an attention override (another patch); the causal loop needs its own")
     options["optimized_attention_override"] = causal_attention
     options[RUN_KEY] = run
+    causal.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, RUN_KEY, causal_forward)
     return causal

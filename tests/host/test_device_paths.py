@@ -67,3 +67,97 @@ def test_host_alpha_follows_the_device_of_sigma(host):
         alpha = recipes.host_alpha(flow)(on_device(torch.tensor(0.25)))
         assert alpha.device == DEVICE
     assert float(values(alpha)) == pytest.approx(0.75)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    def load():
+        import comfy.ldm.wan.model
+        import comfy.ops
+
+        return comfy.ldm.wan.model, import_pack_module("nodes.adapters.wan_causal"), import_pack_module("fastgen_core.world")
+
+    return import_host_in_process(load)
+
+
+def test_the_causal_forwards_timestep_embedding_copies_nothing_from_the_cpu(wan):
+    """The host's Wan embedding copies a CPU arange to the device at every forward (on CUDA a
+    blocking copy: the CPU waits for the GPU); the causal run's equals it without the copy."""
+    wan_model, wan_causal, _ = wan
+    t = torch.tensor([937.5, 250.0])
+    with SimulatedDevice() as host_mode:
+        host = wan_model.sinusoidal_embedding_1d(256, on_device(t))
+    with SimulatedDevice() as ours_mode:
+        ours = wan_causal.timestep_embedding_on_device(256, on_device(t))
+        assert ours.device == DEVICE
+    assert host_mode.copies_from_cpu >= 1  # what the test catches
+    assert ours_mode.copies_from_cpu == 0
+    assert torch.equal(values(ours), values(host))  # the same operations on the same values
+
+
+def _tiny_wan(wan_model):
+    import comfy.ops
+
+    model = wan_model.WanModel(patch_size=(1, 2, 2), text_len=8, in_dim=4, dim=32, ffn_dim=64, freq_dim=16, text_dim=8,
+                               out_dim=4, num_heads=2, num_layers=2, operations=comfy.ops.disable_weight_init)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+def test_a_causal_forward_waits_for_the_context_pass_and_swaps_the_embedding_only_while_it_runs(wan):
+    wan_model, wan_causal, world = wan
+    model = _tiny_wan(wan_model)
+    run = wan_causal.WanCausalRun(model, world.KVCache(token_dim=1))
+    host_embedding = wan_model.sinusoidal_embedding_1d
+    seen = []
+
+    class Event:  # the context pass's CUDA event
+        def wait(self):
+            seen.append("waited")
+
+    def forward(*args, **kwargs):
+        seen.append(wan_model.sinusoidal_embedding_1d is wan_causal.timestep_embedding_on_device)
+        return "out"
+
+    run.context_done = Event()
+    options = {wan_causal.RUN_KEY: run}
+    assert wan_causal.causal_forward(forward, "x", "t", "context", None, None, options) == "out"
+    assert seen == ["waited", True]  # the wait is queued before anything of the forward
+    assert run.context_done is None and wan_model.sinusoidal_embedding_1d is host_embedding
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        wan_causal.causal_forward(failing, "x", "t", "context", None, None, options)
+    assert wan_model.sinusoidal_embedding_1d is host_embedding
+    assert wan_causal.causal_forward(forward, "x", "t", "context", None, None, {}) == "out"
+    assert seen[-1] is False  # not a causal run: the host's own function
+
+
+def test_the_causal_wan_forward_equals_the_hosts_with_the_embedding_swapped(wan):
+    """The wrapper through the host's own WanModel.forward (DIFFUSION_MODEL wrappers): same output."""
+    from comfy.patcher_extension import WrappersMP
+
+    wan_model, wan_causal, world = wan
+    model = _tiny_wan(wan_model)
+    generator = torch.Generator().manual_seed(1)
+    x, context = torch.randn(1, 4, 2, 4, 4, generator=generator), torch.randn(1, 8, 8, generator=generator)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        plain = model(x, t, context, transformer_options={})
+        run = wan_causal.WanCausalRun(model, world.KVCache(token_dim=1))
+        swapped = []
+
+        def recording(executor, *args, **kwargs):
+            return wan_causal.causal_forward(lambda *a, **k: (swapped.append(
+                wan_model.sinusoidal_embedding_1d is wan_causal.timestep_embedding_on_device), executor(*a, **k))[1],
+                *args, **kwargs)
+
+        options = {wan_causal.RUN_KEY: run, "wrappers": {WrappersMP.DIFFUSION_MODEL: {"k": [recording]}}}
+        wrapped = model(x, t, context, transformer_options=options)
+    assert swapped == [True]
+    assert torch.equal(wrapped, plain)
