@@ -5,6 +5,8 @@ loop's streamed frames where the full Wan VAE would take as long as the transfor
 
 from __future__ import annotations
 
+import functools
+
 import comfy.latent_formats
 import comfy.model_management
 import folder_paths
@@ -12,6 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fastgen_core.tiny_vae import TinyVideoDecoder, load_tiny_decoder
+from .adapters.devices import tensor_attributes_to
 
 FOLDER = "vae_approx"
 TinyDecoder = io.Custom("FASTGEN_TINY_DECODER")
@@ -43,7 +46,16 @@ def to_model_space(decoder: TinyVideoDecoder, samples: torch.Tensor) -> torch.Te
     if samples.ndim != 5 or samples.shape[1] != decoder.latent_channels:
         raise ValueError(f"this tiny decoder takes video latents with {decoder.latent_channels} channels "
                          f"[B, C, T, H, W]; got {list(samples.shape)}")
-    return latent_format().process_in(samples.float())
+    return _latent_format_on(latent_format, samples.device).process_in(samples.float())
+
+
+@functools.cache
+def _latent_format_on(latent_format: type, device: torch.device):
+    """One instance of the host's latent format per device, with its mean and std there
+    (`adapters.devices`: no blocking copy per chunk)."""
+    instance = latent_format()
+    tensor_attributes_to(instance, device)
+    return instance
 
 
 def stream_decoder(decoder: TinyVideoDecoder):

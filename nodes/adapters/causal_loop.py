@@ -24,6 +24,7 @@ import comfy.samplers
 import torch
 
 from ...fastgen_core import sampling
+from .devices import tensor_attributes_on
 from .wan_causal import WanCausalRun, compute_dtype
 
 
@@ -155,16 +156,18 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
     total = latent.shape[2]
     chunks = math.ceil(total / chunk_frames)
     dtype = compute_dtype(causal.model)
-    for i in range(chunks):
-        start = time.perf_counter()
-        span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
-        # drawn in chunk order: a video's first chunks do not depend on how long it is
-        noise = sampling.cpu_noise(latent[:, :, span].shape, generator, torch.float32, device)
-        run.begin_chunk(noise.shape, device, dtype)
-        latents = guider.sample(noise, latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
-                                disable_pbar=True, seed=seed + i)
-        frames = decode_beside(decode, latents) if decode is not None else None
-        if i + 1 < chunks:
-            context_pass(causal, run, latents, context_inputs, context_options)
-        yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
+    # the host's latent format copies its CPU mean and std at every chunk's end otherwise (a host sync)
+    with tensor_attributes_on(causal.model.latent_format, device):
+        for i in range(chunks):
+            start = time.perf_counter()
+            span = slice(i * chunk_frames, min(total, (i + 1) * chunk_frames))
+            # drawn in chunk order: a video's first chunks do not depend on how long it is
+            noise = sampling.cpu_noise(latent[:, :, span].shape, generator, torch.float32, device)
+            run.begin_chunk(noise.shape, device, dtype)
+            latents = guider.sample(noise, latent[:, :, span], sampler, first_sigmas if i == 0 else sigmas,
+                                    disable_pbar=True, seed=seed + i)
+            frames = decode_beside(decode, latents) if decode is not None else None
+            if i + 1 < chunks:
+                context_pass(causal, run, latents, context_inputs, context_options)
+            yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
     run.wait_for_context()  # whatever the caller queues next sees the cache complete

@@ -161,3 +161,30 @@ def test_the_causal_wan_forward_equals_the_hosts_with_the_embedding_swapped(wan)
         wrapped = model(x, t, context, transformer_options=options)
     assert swapped == [True]
     assert torch.equal(wrapped, plain)
+
+
+def test_wan_latent_formats_on_the_device_copy_nothing_per_call_and_give_the_same_values():
+    """The host's Wan21 latent format copies its CPU mean and std at every process_in / process_out
+    (on CUDA a blocking copy); moved once, its calls copy nothing and give the same values."""
+    def load():
+        import comfy.latent_formats
+
+        return comfy.latent_formats, import_pack_module("nodes.adapters.devices"), import_pack_module("nodes.tiny_vae")
+
+    latent_formats, devices, tiny_vae = import_host_in_process(load)
+    x = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    host_format = latent_formats.Wan21()
+    expected_in, expected_out = host_format.process_in(x), host_format.process_out(x)
+    with SimulatedDevice() as host_mode:
+        host_format.process_out(on_device(x))
+    assert host_mode.copies_from_cpu >= 1  # what the test catches
+    with SimulatedDevice() as mode:
+        with devices.tensor_attributes_on(host_format, DEVICE):
+            moved_copies = mode.copies_from_cpu
+            out = host_format.process_out(on_device(x))
+        decoder = type("Decoder", (), {"latent_channels": 16})()
+        model_space = tiny_vae.to_model_space(decoder, on_device(x))  # a cached instance with its tensors on the device
+        model_space = tiny_vae.to_model_space(decoder, on_device(x))
+        assert mode.copies_from_cpu == moved_copies + 2  # the move itself (mean and std), once; then none per call
+    assert torch.equal(values(out), expected_out) and torch.equal(values(model_space), expected_in)
+    assert host_format.latents_mean.device.type == "cpu"  # restored
