@@ -29,6 +29,7 @@ from torch import nn
 
 from .checkpoint import atomic_path
 from .recipe import RECIPE_KEY, Recipe
+from .sampling import NUM_TRAIN_TIMESTEPS
 
 STUDENT, FAKE = "student", "fake"
 
@@ -468,7 +469,7 @@ def student_recipe(settings: DistillSettings, family: str, teacher: str | None, 
         return Recipe(**common, timesteps=[round(float(t)) for t in timesteps], shift=None)
     if as_sigmas:
         return Recipe(**common, sigmas=[float(t) for t in t_list], shift=None)
-    return Recipe(**common, timesteps=[round(t * 1000) for t in t_list], shift=shift)
+    return Recipe(**common, timesteps=[round(t * NUM_TRAIN_TIMESTEPS) for t in t_list], shift=shift)
 
 
 CHECKPOINT_KEYS = ("iteration", "student", "fake", "student_opt", "fake_opt", "rng", "generator", "history")

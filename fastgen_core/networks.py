@@ -263,7 +263,8 @@ def sample_with_recipe(net: DigitDiT, labels, recipe, seed: int = 0, batch: int 
     from . import sampling
 
     if recipe.sampler in ("multistep_sde", "multistep_ode"):
-        sigmas = sampling.sigmas_from_timesteps(recipe.timesteps, lambda t: torch.as_tensor(t, dtype=torch.float32) / 1000.0)
+        shift = recipe.shift or 1.0
+        sigmas = sampling.sigmas_from_timesteps(recipe.timesteps, lambda t: sampling.flow_timestep_to_sigma(t, shift))
         generator = torch.Generator().manual_seed(seed + 1)
         noise = recipe.sampler.removeprefix("multistep_")
 

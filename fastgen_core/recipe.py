@@ -14,6 +14,8 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 
+from .sampling import NUM_TRAIN_TIMESTEPS
+
 RECIPE_KEY = "fastgen.recipe"
 SIDECAR_SUFFIX = ".recipe.json"  # `<file>.recipe.json`: the recipe of a file that must stay byte-identical (Hub downloads)
 RECIPE_VERSION = 1
@@ -69,7 +71,7 @@ class Recipe:
             raise ValueError(f"recipe cfg must be >= 0 and shift > 0, got cfg={self.cfg} shift={self.shift}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise ValueError(f"recipe gamma must be in [0, 1], got {self.gamma}")
-        for name, top in (("timesteps", 1000), ("sigmas", math.inf)):
+        for name, top in (("timesteps", NUM_TRAIN_TIMESTEPS), ("sigmas", math.inf)):
             values = getattr(self, name)
             if values is None:
                 continue

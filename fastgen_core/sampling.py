@@ -29,16 +29,23 @@ def ve_alpha(sigma):
 # --- schedules ------------------------------------------------------------------------------------
 
 
-def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """`steps + 1` sigmas from 1 to 0, uniform in t and shifted as the host's DiscreteFlow does:
-    sigma = shift * t / (1 + (shift - 1) * t)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    t = torch.linspace(1.0, 0.0, steps + 1)
+NUM_TRAIN_TIMESTEPS = 1000  # timesteps run 0..1000 in every family's training convention and the host's
+
+
+def flow_shift(t, shift: float = 1.0):
+    """The flow sigma at t in [0, 1] under `shift`, as the host's DiscreteFlow samplings compute it:
+    sigma = shift * t / (1 + (shift - 1) * t). A Python number gives a float, a tensor a tensor."""
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> list[float]:
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """`steps + 1` sigmas from 1 to 0, uniform in t and shifted as the host's DiscreteFlow does."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return flow_shift(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def parse_timesteps(text: str, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
     """"999, 749, 499, 249" -> [999.0, 749.0, 499.0, 249.0], strictly decreasing, in range."""
     try:
         values = [float(v) for v in text.replace(",", " ").split()]
@@ -53,7 +60,8 @@ def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> list[float]:
     return values
 
 
-def discrete_sigma_table(linear_start: float = 0.00085, linear_end: float = 0.012, num_train_timesteps: int = 1000) -> torch.Tensor:
+def discrete_sigma_table(linear_start: float = 0.00085, linear_end: float = 0.012,
+                         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """The sigma of each training timestep of a DDPM "scaled linear" model (SD1.x/SDXL defaults):
     betas linear in sqrt space, sigma_t = sqrt((1 - alphabar_t) / alphabar_t)."""
     betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
@@ -69,10 +77,11 @@ def discrete_timestep_to_sigma(timestep, table: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * log_table[low] + w * log_table[high]).exp()
 
 
-def flow_timestep_to_sigma(timestep, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Sigma of a flow model at timestep t in 0..num_train_timesteps: the shifted t / T."""
-    t = torch.as_tensor(timestep, dtype=torch.float32) / num_train_timesteps
-    return shift * t / (1 + (shift - 1) * t)
+def flow_timestep_to_sigma(timestep, shift: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """Sigma of a flow model at timestep t in 0..num_train_timesteps: the shifted t / T. How a flow
+    recipe's timesteps become noise levels (the host's DiscreteFlow samplings agree). A Python
+    number gives a float, a tensor a tensor."""
+    return flow_shift(timestep / num_train_timesteps, shift)
 
 
 def sigmas_from_timesteps(timesteps, timestep_to_sigma) -> torch.Tensor:

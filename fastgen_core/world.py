@@ -245,13 +245,18 @@ class ChunkSchedule:
     @classmethod
     def for_recipe(cls, recipe, steps: int = 0) -> ChunkSchedule:
         """A world model's recipe (`fastgen_core.recipe.Recipe`, or None): its own noise levels (a
-        distilled student's sigmas / timesteps), else `steps` evenly spaced under its shift. A
-        `steps` other than the recipe's asks for evenly spaced levels instead."""
+        distilled student's sigmas, or its timesteps under its shift, converted as the host converts
+        them), else `steps` evenly spaced under its shift. A `steps` other than the recipe's asks for
+        evenly spaced levels instead."""
         if recipe is None:
             return cls.few_step(steps or 4)
+        shift = recipe.shift or 1.0
         if steps and steps != recipe.steps or not (recipe.sigmas or recipe.timesteps):
-            return cls.few_step(steps or recipe.steps, shift=recipe.shift or 1.0)
-        levels = [float(v) for v in recipe.sigmas] if recipe.sigmas else [t / 1000.0 for t in recipe.timesteps]
+            return cls.few_step(steps or recipe.steps, shift=shift)
+        if recipe.sigmas:
+            levels = [float(v) for v in recipe.sigmas]
+        else:
+            levels = [sampling.flow_timestep_to_sigma(t, shift) for t in recipe.timesteps]
         return cls(levels + [0.0], levels + [0.0])
 
 

@@ -116,15 +116,16 @@ def student_schedule(model_sampling, steps: int, text: str) -> tuple[list[float]
 
     Empty text: evenly spaced from the top of the family's schedule (discrete: 999, 749, 499, 249
     as DMD2 SDXL; flow: 1000, 750, 500, 250 under the model's own shift, as lightx2v's Wan)."""
+    length = sampling.NUM_TRAIN_TIMESTEPS
     if text.strip():
         timesteps = sampling.parse_timesteps(text)
     else:
-        top = 1000.0 if isinstance(model_sampling, comfy.model_sampling.CONST) else 999.0
-        timesteps = [top - i * 1000.0 / steps for i in range(steps)]
+        top = float(length) if isinstance(model_sampling, comfy.model_sampling.CONST) else length - 1.0
+        timesteps = [top - i * length / steps for i in range(steps)]
     if len(timesteps) != steps:
         raise ValueError(f"student_timesteps lists {len(timesteps)} timesteps for {steps} student steps")
-    if any(b >= a for a, b in zip(timesteps, timesteps[1:], strict=False)) or timesteps[-1] <= 0 or timesteps[0] > 1000:
-        raise ValueError(f"student_timesteps must decrease within (0, 1000], got {text!r}")
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:], strict=False)) or timesteps[-1] <= 0 or timesteps[0] > length:
+        raise ValueError(f"student_timesteps must decrease within (0, {length}], got {text!r}")
     return timesteps, [float(host_timestep_to_sigma(model_sampling, t)) for t in timesteps]
 
 

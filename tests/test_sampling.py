@@ -176,6 +176,13 @@ def test_timestep_lists_are_parsed_and_validated():
             sampling.parse_timesteps(bad)
 
 
+def test_flow_timesteps_become_shifted_sigmas_for_numbers_and_tensors():
+    assert sampling.flow_timestep_to_sigma(999) == 0.999 and sampling.flow_timestep_to_sigma(250, shift=3.0) == 0.5
+    t = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    torch.testing.assert_close(sampling.flow_timestep_to_sigma(t, shift=3.0), 3 * (t / 1000) / (1 + 2 * (t / 1000)))
+    torch.testing.assert_close(sampling.sigmas_from_timesteps([999, 500], sampling.flow_timestep_to_sigma), torch.tensor([0.999, 0.5, 0.0]))
+
+
 def test_flow_sigmas_match_the_hosts_shift_formula():
     sigmas = sampling.flow_sigmas(4, shift=3.0)
     t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])

@@ -292,6 +292,18 @@ def test_chunk_schedule_follows_the_recipe():
     assert world.ChunkSchedule.for_recipe(None).later == world.ChunkSchedule.few_step(4).later
 
 
+def test_chunk_schedule_reads_a_recipes_timesteps_under_its_shift():
+    """Timesteps mean what the host makes of them (the Student KSampler's sigmas): t / 1000 under
+    the recipe's flow shift, so a world session and a sampler agree on the same recipe."""
+    from fastgen_core.recipe import Recipe
+
+    plain = Recipe(family="fastgen-game", prediction="flow", steps=2, sampler="multistep_sde", timesteps=[999, 500])
+    assert world.ChunkSchedule.for_recipe(plain).later == [0.999, 0.5, 0.0]
+    shifted = Recipe(family="wan2.1", prediction="flow", steps=4, sampler="multistep_sde", timesteps=[1000, 750, 500, 250], shift=5.0)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(world.ChunkSchedule.for_recipe(shifted).sigmas(0), torch.cat([5 * t / (1 + 4 * t), torch.zeros(1)]))
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_a_reserved_cache_allocates_its_buffers_once(window):
     """reserve(frames, tokens per frame): every buffer is allocated at its final size on the first

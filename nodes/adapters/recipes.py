@@ -76,7 +76,7 @@ def host_timestep_to_sigma(model_sampling, timestep: float) -> torch.Tensor:
     t = torch.tensor(float(timestep))
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
         return model_sampling.sigma(t)
-    return model_sampling.sigma(t / 1000.0 * getattr(model_sampling, "multiplier", 1.0))
+    return model_sampling.sigma(t / sampling.NUM_TRAIN_TIMESTEPS * getattr(model_sampling, "multiplier", 1.0))
 
 
 def apply_recipe_shift(model, recipe: Recipe):
