@@ -529,7 +529,8 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
     ones replay: compare those with `benchmarks/causal_video.py --variants compile+chunkgraphs+tiny
     --warmup-videos 2`). The frames go to a sink, not a file: no encoding in the prompt's time.
     `profile_dir`: one more Queue of the first setting under the profiler, with its GPU idle gaps.
-    `checks`: two Queues of one seed, the second with the context pass and the decoder on the
+    `checks` (after the profile: they load the model anew): two Queues of one seed, the second with
+    the context pass and the decoder on the
     sampling stream (no side streams): their latents must agree (the streams' ordering); then one
     Queue under PyTorch's sync debug mode, listing where the CPU waits for the GPU."""
     from workflow_api import ui_to_api
@@ -555,6 +556,28 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
         prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
         for i in range(videos):
             queue(f"{setting}, allocator {host.allocator}, Queue {i + 1}", _reseeded(prompt, offset=i))
+            if i == 0 and compile and setting == settings[0]:  # the process's first compile: where its time went
+                import torch._dynamo.utils
+
+                times = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+                lines.append(f"causal node [{setting}, Queue 1] compiler time (torch._dynamo.utils.compile_times, "
+                             f"seconds in all): " + " ".join(times.split())[:1500])
+                print(lines[-1], flush=True)
+    if profile_dir:
+        import gpu_gaps
+
+        compile, graphs = CAUSAL_SETTINGS[settings[0]]
+        prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
+        torch = host.torch
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with gpu_gaps.annotated(), torch.profiler.profile(activities=activities) as prof:
+            queue(f"{settings[0]}, profiled", _reseeded(prompt, offset=1000))  # seeds no earlier Queue had
+        os.makedirs(profile_dir, exist_ok=True)
+        path = os.path.join(profile_dir, "causal_trace.json")
+        prof.export_chrome_trace(path)
+        lines += [f"causal node [{settings[0]}, profiled] {line}" for line in gpu_gaps.gap_report(path)]
+        print("\n".join(lines[-20:]), flush=True)
+        subprocess.run(["gzip", "-f", path], check=False)
     if checks:
         import gpu_gaps
 
@@ -583,21 +606,6 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
         sites = _sync_sites(torch, lambda: host.run(_reseeded(prompt, offset=3000)))
         lines += [f"causal node [sync sites, one Queue] {site}" for site in sites] or ["causal node [sync sites]: none"]
         print("\n".join(lines[-len(sites) or -1:]), flush=True)
-    if profile_dir:
-        import gpu_gaps
-
-        compile, graphs = CAUSAL_SETTINGS[settings[0]]
-        prompt[sampler]["inputs"].update(compile=compile, cuda_graphs=graphs)
-        torch = host.torch
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with gpu_gaps.annotated(), torch.profiler.profile(activities=activities) as prof:
-            queue(f"{settings[0]}, profiled", _reseeded(prompt, offset=1000))  # seeds no earlier Queue had
-        os.makedirs(profile_dir, exist_ok=True)
-        path = os.path.join(profile_dir, "causal_trace.json")
-        prof.export_chrome_trace(path)
-        lines += [f"causal node [{settings[0]}, profiled] {line}" for line in gpu_gaps.gap_report(path)]
-        print("\n".join(lines[-20:]), flush=True)
-        subprocess.run(["gzip", "-f", path], check=False)
     return lines
 
 

@@ -211,6 +211,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
         total = samples.shape[2]
         chunks = math.ceil(total / chunk_frames)
 
+        if cuda_graphs == "kept":  # kept graphs are keyed by where the weights are: on the GPU, not where they wait
+            comfy.model_management.load_models_gpu([model])
         cache, graphs = cache_and_graphs(cuda_graphs, model, samples.shape, chunk_frames, sink_frames, window_frames, compile)
         run = WanCausalRun(model.get_model_object("diffusion_model"), cache, compile=compile, graphs=graphs)
         run.reserve(samples.shape)

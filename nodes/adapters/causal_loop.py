@@ -144,6 +144,10 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
     sampler's seed `seed + i`. `decode(latents) -> frames` on the device: each chunk's frames are
     decoded and brought over beside its context pass. The last chunk gets no context pass (no
     chunk reads its keys).
+
+    The first chunk is handed over as soon as its frames are out (its latency is what a user waits
+    for); each later one once the chunk after it is queued, so that what the caller does with it
+    (previews, copies) runs while the GPU works instead of between chunks.
     """
     device = comfy.model_management.get_torch_device()
     positive = conditioning_on(positive, device)
@@ -156,6 +160,11 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
     total = latent.shape[2]
     chunks = math.ceil(total / chunk_frames)
     dtype = compute_dtype(causal.model)
+
+    def handed_over(index, latents, frames, start) -> Chunk:
+        return Chunk(index, latents, frames() if frames is not None else None, time.perf_counter() - start)
+
+    waiting = None  # the previous chunk, handed over once this one is queued
     # the host's latent format copies its CPU mean and std at every chunk's end otherwise (a host sync)
     with tensor_attributes_on(causal.model.latent_format, device):
         for i in range(chunks):
@@ -169,5 +178,13 @@ def causal_chunks(causal, run: WanCausalRun, positive, latent: torch.Tensor, sam
             frames = decode_beside(decode, latents) if decode is not None else None
             if i + 1 < chunks:
                 context_pass(causal, run, latents, context_inputs, context_options)
-            yield Chunk(i, latents, frames() if frames is not None else None, time.perf_counter() - start)
+            if waiting is not None:
+                yield handed_over(*waiting)
+                waiting = None
+            if i == 0:
+                yield handed_over(i, latents, frames, start)
+            else:
+                waiting = (i, latents, frames, start)
+        if waiting is not None:
+            yield handed_over(*waiting)
     run.wait_for_context()  # whatever the caller queues next sees the cache complete
