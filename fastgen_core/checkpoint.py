@@ -3,21 +3,19 @@
     fastgen.network = {"arch": "DigitDiT", "config": {...}}   which class to build, with what sizes
     fastgen.recipe  = {...}                                    how to sample it (recipe.Recipe)
 
-Writes are atomic (a temporary file in the same folder, then `os.replace`), so an interrupted save
-never leaves a half-written file under the final name. Loading reads only safetensors: no pickle.
+Writes are atomic (`files.atomic_path`), so an interrupted save never leaves a half-written file
+under the final name. Loading reads only safetensors: no pickle.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path, read_metadata
 from .recipe import RECIPE_KEY, Recipe
 
 NETWORK_KEY = "fastgen.network"
@@ -33,23 +31,6 @@ def _architectures():
         "CausalWorldDiT": (networks.CausalWorldDiT, networks.CausalWorldDiTConfig),
         "DigitClassifier": (eval_module.DigitClassifier, eval_module.DigitClassifierConfig),
     }
-
-
-@contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # ends in ".partial", not the target's extension: a write cut short by a kill leaves a file the
-    # host's model lists (filtered by extension) do not show
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{os.path.basename(path)}.partial", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 MAX_NAME_BYTES = 255  # one path component on common file systems
@@ -95,17 +76,6 @@ def save_network(path: str, net: torch.nn.Module, recipe: Recipe | None = None, 
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-
-
-def read_metadata(path: str) -> dict:
-    """The safetensors header metadata (no tensor is loaded), with clear errors for bad files."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FastGen model file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
 
 
 def network_info(path: str) -> tuple[str, dict, Recipe | None]:

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 from .recipe import RECIPE_KEY, Recipe
 from .sampling import NUM_TRAIN_TIMESTEPS
 

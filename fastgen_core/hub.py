@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, replace
 
+from .files import atomic_path
 from .recipe import Recipe, identify_student, read_sidecar, write_sidecar
 
 FOLDERS = ("loras", "diffusion_models")
@@ -369,32 +370,26 @@ class _Silent:
 
 
 def _place(entry: HubEntry, cached: str, target: str) -> str:
-    """Link (else copy) the cached file to a temporary name beside the target, verify, then rename."""
+    """Link (else copy) the cached file to a temporary name beside the target, verify, then rename.
+    A full disk, a Cancel or a checksum mismatch leaves no partial file in the folder."""
     blob = os.path.realpath(cached)
-    tmp = os.path.join(os.path.dirname(target), f".{entry.target_name}.{os.getpid()}.partial")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
+    with atomic_path(target) as tmp:
+        os.remove(tmp)  # the link needs the name free
         try:
-            os.link(blob, tmp)  # no second copy of a multi-GB file where the filesystem allows
-        except OSError:
-            shutil.copyfile(blob, tmp)
-        sha = sha256_of(tmp)
-    except BaseException as err:  # a full disk, a Cancel: no partial file is left in the folder
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
+            try:
+                os.link(blob, tmp)  # no second copy of a multi-GB file where the filesystem allows
+            except OSError:
+                shutil.copyfile(blob, tmp)
+            sha = sha256_of(tmp)
+        except OSError as err:
             raise HubError(f"cannot place {entry.repo_id}/{entry.filename} in {os.path.dirname(target)}: {err}") from None
-        raise
-    if entry.sha256 and sha != entry.sha256:
-        os.remove(tmp)
-        _drop_from_cache(cached)
-        raise ChecksumError(
-            f"checksum mismatch for {entry.repo_id}/{entry.filename}: sha256 {sha}, expected {entry.sha256}. "
-            f"The placed file was deleted (nothing written to {target}) and the corrupt copy was removed from the Hub "
-            "cache; run again to download it afresh."
-        )
-    os.replace(tmp, target)
+        if entry.sha256 and sha != entry.sha256:
+            _drop_from_cache(cached)
+            raise ChecksumError(
+                f"checksum mismatch for {entry.repo_id}/{entry.filename}: sha256 {sha}, expected {entry.sha256}. "
+                f"The placed file was deleted (nothing written to {target}) and the corrupt copy was removed from the Hub "
+                "cache; run again to download it afresh."
+            )
     return sha
 
 

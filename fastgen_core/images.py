@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 
 
 def make_grid(images: torch.Tensor, rows: int, pad: int = 2) -> torch.Tensor:

@@ -11,9 +11,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 
+from .files import atomic_path
 from .sampling import NUM_TRAIN_TIMESTEPS
 
 RECIPE_KEY = "fastgen.recipe"
@@ -296,15 +296,8 @@ def write_sidecar(path: str, recipe: Recipe | None, **provenance) -> str:
     values = {"recipe": json.loads(recipe.to_json()) if recipe is not None else None, **provenance}
     if recipe is None:
         values.pop("recipe")
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(side) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=1, sort_keys=True)
-        os.replace(tmp, side)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(side) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=1, sort_keys=True)
     return side
 
 

@@ -23,8 +23,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from . import files
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin")
@@ -60,24 +62,16 @@ class StudentFile:
     container: str = "safetensors"  # "safetensors" or "pickle (weights only)"
 
 
-def read_metadata(path: str) -> dict[str, str]:
-    """Header metadata of a safetensors file without loading tensors; {} for other formats."""
-    if not os.path.isfile(path):
-        raise StudentFileError(f"student file not found: {path}")
-    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
-        return {}
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise StudentFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
-
-
 def load_student_file(path: str) -> StudentFile:
     """Read a student checkpoint or LoRA into a flat {key: tensor} dict on the CPU."""
     lower = path.lower()
     if lower.endswith(SAFETENSORS_EXTENSIONS):
-        metadata = read_metadata(path)
+        if not os.path.isfile(path):
+            raise StudentFileError(f"student file not found: {path}")
+        try:
+            metadata = files.read_metadata(path)
+        except ValueError as err:
+            raise StudentFileError(str(err)) from None
         try:
             state_dict = load_file(path)
         except (SafetensorError, OSError) as err:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastgen_core import checkpoint
+from fastgen_core import checkpoint, files
 from fastgen_core.networks import DigitDiT, DigitDiTConfig
 from fastgen_core.recipe import RECIPE_KEY, Recipe
 
@@ -34,7 +34,7 @@ def test_round_trip_keeps_weights_config_and_recipe(tmp_path):
 
 def test_metadata_is_read_without_loading_tensors(tmp_path):
     _, path = saved(tmp_path)
-    metadata = checkpoint.read_metadata(path)
+    metadata = files.read_metadata(path)
     assert json.loads(metadata[RECIPE_KEY])["steps"] == 4
     assert all(isinstance(v, str) for v in metadata.values())
 
@@ -66,7 +66,7 @@ def test_foreign_safetensors_is_refused_with_a_hint(tmp_path):
 
 def test_mismatched_and_nan_weights_are_refused(tmp_path):
     _, path = saved(tmp_path)
-    meta = checkpoint.read_metadata(path)
+    meta = files.read_metadata(path)
     tensors = checkpoint.load_state_dict(path)
     bad_shape = dict(tensors, **{"patch_embed.weight": torch.zeros(5, 5, dtype=torch.float16)})
     save_file(bad_shape, str(tmp_path / "shape.safetensors"), metadata=meta)

@@ -343,7 +343,7 @@ def test_student_command_runs_the_gan_term_on_real_digits():
 def test_training_state_and_partial_writes_are_not_named_like_models(tmp_path):
     """The host lists model folders by extension: the resume state and an interrupted write must
     not show up in LoRA dropdowns (a state saved under the old .resume.pt name is moved)."""
-    from fastgen_core.checkpoint import atomic_path
+    from fastgen_core.files import atomic_path
 
     model_extensions = {".safetensors", ".pt", ".pt2", ".ckpt", ".pth", ".bin", ".pkl", ".sft"}
     lora = str(tmp_path / "student.safetensors")

@@ -15,8 +15,8 @@ from huggingface_hub import constants
 from safetensors.torch import save, save_file
 
 from fastgen_core import hub
+from fastgen_core.files import read_metadata
 from fastgen_core.recipe import KNOWN_STUDENTS, RECIPE_KEY, Recipe, lookup_recipe, read_sidecar, sidecar_path
-from fastgen_core.students import read_metadata
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "host"))
 from hub_seed import COMMIT, seed_hub_cache  # noqa: E402

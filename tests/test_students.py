@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastgen_core import students
+from fastgen_core import files, students
 from fastgen_core.networks import DigitDiT, DigitDiTConfig
 from fastgen_core.recipe import RECIPE_KEY, Recipe
 
@@ -23,7 +23,7 @@ def test_safetensors_student_keeps_metadata(tmp_path):
     student = students.load_student_file(path)
     assert student.container == "safetensors"
     assert Recipe.from_json(student.metadata[RECIPE_KEY]) == recipe
-    assert students.read_metadata(path) == student.metadata
+    assert files.read_metadata(path) == student.metadata
     torch.testing.assert_close(student.state_dict["blocks.0.qkv.weight"], sd["blocks.0.qkv.weight"])
 
 
