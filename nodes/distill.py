@@ -18,7 +18,6 @@ import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
-import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
@@ -148,17 +147,6 @@ def lora_targets(name: str, module: torch.nn.Module) -> bool:
     return any(part in (f".{name}.") for part in (".blocks.", ".transformer_blocks.", ".double_blocks.", ".single_blocks."))
 
 
-def resolve_save_path(save_name: str, allow_existing: bool) -> str:
-    """A path under the first loras folder; refuses bad names and silent overwrites."""
-    return save_paths.resolve_save_path(save_name, "loras", SAVE_EXAMPLE, allow_existing,
-                                        "choose another save_name, or set resume to continue that run")
-
-
-def lora_name(path: str) -> str:
-    """A path in the first loras folder as the host's LoRA lists name it."""
-    return os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
-
-
 def resume_state(checkpoint_path: str, resume: bool, lora_rank: int) -> dict | None:
     """The saved training state to continue (read and checked before any work), or None for a new
     run, which must not silently replace the state of an unfinished one."""
@@ -178,9 +166,9 @@ def resume_state(checkpoint_path: str, resume: bool, lora_rank: int) -> dict | N
 def stopped_message(lora_path: str, checkpoint_path: str, reached: int, iterations: int) -> str:
     """What a cancelled run kept and how to continue it (the host itself only says 'interrupted')."""
     if os.path.exists(lora_path):
-        lora = f"{lora_name(lora_path)} still holds the LoRA of the earlier, finished run"
+        lora = f"{save_paths.listed_name(lora_path, 'loras')} still holds the LoRA of the earlier, finished run"
     else:
-        lora = f"no LoRA was saved as {lora_name(lora_path)} (an unfinished student never takes the final name)"
+        lora = f"no LoRA was saved as {save_paths.listed_name(lora_path, 'loras')} (an unfinished student never takes the final name)"
     return (f"FastGen DMD Distill cancelled at iteration {reached} of {iterations}: {lora}. The training state of "
             f"iteration {reached} is kept in {save_paths.shown_path(checkpoint_path)}: queue again with resume on "
             "(same save_name and lora_rank) to continue from there.")
@@ -309,7 +297,8 @@ class FastGenDistillDMD(io.ComfyNode):
                 ema_decay=0.0) -> io.NodeOutput:
         model_sampling = check_teacher(model)
         timesteps, sigmas = student_schedule(model_sampling, student_steps, student_timesteps)
-        lora_path = resolve_save_path(save_name, allow_existing=resume)
+        lora_path = save_paths.resolve_save_path(save_name, "loras", SAVE_EXAMPLE, resume,
+                                                 "choose another save_name, or set resume to continue that run")
         checkpoint_path = distill.default_checkpoint_path(lora_path)
         saved_state = resume_state(checkpoint_path, resume, lora_rank)
 
@@ -387,7 +376,7 @@ class FastGenDistillDMD(io.ComfyNode):
         student.add_patches(comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(base, {}), log_missing=False), 1.0)
         chart = images.line_chart({"fake_score": [r["fake_score"] for r in history],
                                    "vsd": [r["vsd"] for r in history if "vsd" in r]})
-        text = f"{len(history)} iterations; saved {lora_name(lora_path)} ({save_paths.shown_path(lora_path)})"
+        text = f"{len(history)} iterations; saved {save_paths.listed_name(lora_path, 'loras')} ({save_paths.shown_path(lora_path)})"
         return io.NodeOutput(with_recipe(student, recipe), lora, chart[None], ui=ui.PreviewText(text))
 
     @staticmethod

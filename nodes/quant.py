@@ -33,7 +33,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..fastgen_core import checkpoint, quant
+from ..fastgen_core import checkpoint, files, quant
 from ..fastgen_core.recipe import RECIPE_KEY
 from .adapters import file_dtypes, inputs, save_paths
 from .adapters.embedded import HostDigitDiT, digit_model_from_state_dict
@@ -201,12 +201,6 @@ class FastGenQuantizeModel(io.ComfyNode):
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
 
 
-def resolve_save_path(save_name: str, overwrite: bool) -> str:
-    """A path under the first diffusion_models folder; refuses bad names and silent overwrites."""
-    return save_paths.resolve_save_path(save_name, FOLDER, SAVE_EXAMPLE, overwrite,
-                                        "choose another save_name, or turn overwrite on")
-
-
 def values_state_dict(diffusion_model, bank) -> dict:
     """The model's weights, compact layers' codes turned back into values."""
     state_dict = diffusion_model.state_dict()
@@ -266,13 +260,14 @@ class FastGenSaveQuantizedModel(io.ComfyNode):
         quant.import_mtq()
         if bank is None:
             raise ValueError("this MODEL is not quantized: connect the output of FastGen Quantize Model")
-        path = resolve_save_path(save_name, overwrite)
+        path = save_paths.resolve_save_path(save_name, FOLDER, SAVE_EXAMPLE, overwrite,
+                                            "choose another save_name, or turn overwrite on")
         comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # LoRA patches baked in
         state_dict = values_state_dict(model.model.diffusion_model, bank)
         # the quantized weights are compressed from their full values; the rest go back as they came
         state_dict, how = file_dtypes.as_loaded(model.model, state_dict, keep={f"{name}.weight" for name in bank.layers})
         quant.save_quantized(path, state_dict, bank, metadata=network_metadata(model))
-        name = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
+        name = save_paths.listed_name(path, FOLDER)
         size = os.path.getsize(path) / 2**20
         text = (f"saved {name} ({size:.1f} MiB) as {save_paths.shown_path(path)}: {bank.format.name} on {len(bank.layers)} "
                 f"layers, the other weights {how}")
@@ -285,7 +280,7 @@ def quantized_files() -> list[str]:
     for name in folder_paths.get_filename_list(FOLDER):
         if name.endswith(".safetensors"):
             try:
-                if quant.QUANT_KEY in checkpoint.read_metadata(folder_paths.get_full_path(FOLDER, name)):
+                if quant.QUANT_KEY in files.read_metadata(folder_paths.get_full_path(FOLDER, name)):
                     names.append(name)
             except (OSError, ValueError):
                 continue

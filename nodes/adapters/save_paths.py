@@ -26,6 +26,12 @@ def resolve_save_path(save_name: str, folder: str, example: str, allow_existing:
     return path
 
 
+def listed_name(path: str, folder: str) -> str:
+    """A path under the host's first `folder` folder as the host's file lists name it (the name a
+    loader's combo takes)."""
+    return os.path.relpath(path, folder_paths.get_folder_paths(folder)[0]).replace(os.sep, "/")
+
+
 def save_name_problem(save_name: str, example: str) -> str | bool:
     """For a node's validate_inputs: True, or what is wrong with the name (before the prompt runs).
     A linked name arrives as None here and is checked when the node runs."""
