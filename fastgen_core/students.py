@@ -65,9 +65,9 @@ class StudentFile:
 def load_student_file(path: str) -> StudentFile:
     """Read a student checkpoint or LoRA into a flat {key: tensor} dict on the CPU."""
     lower = path.lower()
+    if lower.endswith(SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS) and not os.path.isfile(path):
+        raise StudentFileError(f"student file not found: {path}")
     if lower.endswith(SAFETENSORS_EXTENSIONS):
-        if not os.path.isfile(path):
-            raise StudentFileError(f"student file not found: {path}")
         try:
             metadata = files.read_metadata(path)
         except ValueError as err:
@@ -78,8 +78,6 @@ def load_student_file(path: str) -> StudentFile:
             raise StudentFileError(f"{path}: cannot read tensors (corrupt or truncated?): {err}") from None
         return StudentFile(path, _check_tensors(state_dict, path), metadata, "safetensors")
     if lower.endswith(PICKLE_EXTENSIONS):
-        if not os.path.isfile(path):
-            raise StudentFileError(f"student file not found: {path}")
         return StudentFile(path, _check_tensors(unwrap_checkpoint(_load_weights_only(path), path), path), {}, "pickle (weights only)")
     raise StudentFileError(
         f"{path}: unsupported student file type; use {', '.join(SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS)} "
