@@ -233,9 +233,13 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                 first_ready = time.perf_counter() - started
             if chunk.frames is not None:
                 frames.add(chunk.frames)
+            last = chunk.index + 1 == chunks  # no preview: the node's own output shows at once
+            if last or (chunk.frames is None and previewer is None):
+                preview = None
+            elif chunk.frames is not None:
                 preview = ("JPEG", Image.fromarray((chunk.frames[-1].numpy() * 255).round().astype("uint8")), 512)
             else:
-                preview = previewer.decode_latent_to_preview_image("JPEG", chunk.latents[:1]) if previewer is not None else None
+                preview = previewer.decode_latent_to_preview_image("JPEG", chunk.latents[:1])
             pbar.update_absolute(chunk.index + 1, chunks, preview)
         result = latent.copy()
         result["samples"] = torch.cat(out, dim=2).to(comfy.model_management.intermediate_device())
