@@ -1,6 +1,6 @@
-"""FastGen Load Tiny Video Decoder / FastGen Tiny Video Decode: Wan latents to frames in 0.87 ms a
-frame on an H200 (`fastgen_core.tiny_vae`, the TAEHV layout), for live previews and the causal
-loop's streamed frames where the full Wan VAE would take as long as the transformer.
+"""FastGen Load Tiny Video Decoder / FastGen Tiny Video Decode: Wan latents to frames with a tiny
+decoder (`fastgen_core.tiny_vae`, the TAEHV layout), for live previews and the causal loop's
+streamed frames, where the full Wan VAE would take about as long as the transformer.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class FastGenLoadTinyVideoDecoder(io.ComfyNode):
             display_name="FastGen Load Tiny Video Decoder",
             category="FastGen/world",
             description="Loads a tiny video decoder in the TAEHV layout from models/vae_approx (taew2_1 for Wan 2.1, "
-            "Wan 2.2 14B and Qwen-Image latents; taew2_2 for Wan 2.2 5B): 23x faster than the full VAE "
-            "(1.1 vs 20 ms a frame at 832x480 on an H200), slightly softer. For live previews and the Causal Video "
+            "Wan 2.2 14B and Qwen-Image latents; taew2_2 for Wan 2.2 5B): an order of magnitude faster than the "
+            "full VAE (figures: benchmarks/RESULTS.md), slightly softer. For live previews and the Causal Video "
             "Sampler's streamed frames.",
             inputs=[io.Combo.Input("decoder_name", options=tiny_decoder_names(),
                                    tooltip="A TAEHV-layout file in models/vae_approx (.safetensors, or a weights-only .pth).")],

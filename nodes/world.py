@@ -67,10 +67,9 @@ def latent_colours(latent_format, samples: torch.Tensor) -> torch.Tensor:
     return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
 
 
-# benchmarks/RESULTS.md, "In the causal video loop" and the causal loop's fourth round
-QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory, not time (H200, Wan-1.3B at 480p, tiny "
-                       "decoder: fp8 39.2-40.1 vs bf16 40.2-40.3 FPS with compile and cuda_graphs on; 29-31 vs 32-34 with "
-                       "compile alone; 13.8 vs 19.2 with neither, each chunk launching ~1,500 quantized layer calls)")
+QUANTIZED_LOOP_NOTE = ("quantized MODEL: in this loop quantization saves memory, not time (with compile and cuda_graphs fp8 "
+                       "runs about as fast as bf16; without them each chunk launches ~1,500 quantized layer calls and is "
+                       "slower; figures: benchmarks/RESULTS.md, 'In the causal video loop')")
 
 
 def quantize_wrappers(model) -> list:
@@ -172,8 +171,8 @@ class FastGenCausalVideoSampler(io.ComfyNode):
                                "cudaMallocAsync allocator the graphs replay eager blocks (start ComfyUI with "
                                "--disable-cuda-malloc for compiled blocks in them)."),
                 TinyDecoder.Input("tiny_decoder", optional=True, tooltip="A tiny video decoder (FastGen Load Tiny Video "
-                                  "Decoder, taew2_1): streams the frames 23x faster than the VAE, slightly softer. "
-                                  "Used instead of the VAE when both are connected."),
+                                  "Decoder, taew2_1): streams the frames many times faster than the VAE "
+                                  "(benchmarks/RESULTS.md), slightly softer. Used instead of the VAE when both are connected."),
             ],
             outputs=[io.Latent.Output(), io.Image.Output(display_name="frames", tooltip="The video frames, decoded chunk by "
                                                         "chunk (with a VAE or tiny decoder), else the latent preview "
