@@ -316,9 +316,13 @@ def chunk_clip_benchmark(threshold: float = 0.05, sigma: float = 0.5, chunk_toke
     frames = len(clip)
     # one stream over the frames of a live video: frame f is "step" f of a window that lets every
     # frame but the first reuse
-    run = core_cache.CacheRun(config, [sigma] * (frames + 1) + [0.0])
     counter = iter(range(frames))
-    run.step_of = lambda value: (next(counter), frames + 1)
+
+    class FrameRun(core_cache.CacheRun):
+        def step_of(self, value):
+            return next(counter), frames + 1
+
+    run = FrameRun(config, [sigma] * (frames + 1) + [0.0])
     p = net.config.patch_size * chunk_tokens  # chunk side in pixels
     static_skipped = static_ran = static_total = moving_run = moving_total = 0
     errors = []
@@ -335,7 +339,7 @@ def chunk_clip_benchmark(threshold: float = 0.05, sigma: float = 0.5, chunk_toke
             changed = torch.nn.functional.max_pool2d(changed[None, None], p).reshape(-1) > 0
             # reused: the chunk's output came from the cache; ran: it went through the later blocks
             # (as a changed chunk, or as attention context around one, whose cached output is kept)
-            reused = {"skip": torch.ones_like(changed), "compute": torch.zeros_like(changed)}.get(state.mode)
+            reused = {core_cache.Mode.SKIP: torch.ones_like(changed), core_cache.Mode.COMPUTE: torch.zeros_like(changed)}.get(state.mode)
             ran = ~reused if reused is not None else state.run_chunks.to(changed.device)
             reused = state.skip_chunks.to(changed.device) if reused is None else reused
             static_total += int((~changed).sum())

@@ -1,10 +1,10 @@
-"""Cache patch: skip redundant work across steps, blocks and static regions (#6).
+"""Cache patch: skip redundant work across steps, blocks and static regions.
 
 The policies live in fastgen_core.cache; here they are attached the way the host's EasyCache is,
 through wrappers on a MODEL clone, so they compose with LoRA, weight patches and torch.compile:
 
-- OUTER_SAMPLE: a fresh `CacheRun` per sampling run (state never leaks between runs), stored in a
-  clone of the guider's model options, and the run's summary logged at the end;
+- OUTER_SAMPLE: a fresh `CacheRun` per sampling run (state never leaks between runs), held by a
+  `CacheHolder` in a clone of the guider's model options, and the run's summary logged at the end;
 - DIFFUSION_MODEL: the step decision (skip the call, or run it), per stream — the tuple of
   conditionings batched in the call — so cond and uncond never share cached tensors; it never
   writes into its input (the sampler's latent);
@@ -28,7 +28,7 @@ from .adapters import inputs
 from .adapters.cache_blocks import adapter_for
 
 SETTINGS_KEY = "fastgen_cache"  # transformer_options: the CacheConfig
-RUN_KEY = "fastgen_cache_run"  # transformer_options during a run: the CacheRun
+RUN_KEY = "fastgen_cache_run"  # transformer_options during a run: its CacheHolder
 PROFILE_OPTION = "fastgen_cache_profiles"  # model_options: calibrated ChangeProfiles, newest last
 WRAPPER_KEY = "fastgen_cache"
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -61,14 +61,24 @@ def _stream_key(options: dict, x: torch.Tensor):
 # ----------------------------------------------------------------------------- wrappers
 
 
+class CacheHolder:
+    """One sampling run on the host: the core's CacheRun, and what the wrappers and the block
+    patches hand each other during a model call."""
+
+    def __init__(self, run: cache.CacheRun):
+        self.run = run
+        self.adapter = None  # the block adapter (block and chunk policies), found at the first model call
+        self.current: cache.BlockCacheState | None = None  # the stream the block patches serve, during a call
+        self.capture: dict | None = None  # U-Net full calls: receives the deep feature from the output-block patch
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options["transformer_options"]
     run = cache.CacheRun(options[SETTINGS_KEY], args[3], guider.model_options.get(PROFILE_OPTION))
-    run.adapter, run.current, run.capture = None, None, None
-    options[RUN_KEY] = run
+    options[RUN_KEY] = CacheHolder(run)
     _announce(run)
     try:
         return executor(*args, **kwargs)
@@ -93,34 +103,36 @@ def _announce(run: cache.CacheRun):
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
     options = _transformer_options(args, kwargs)
-    run = options.get(RUN_KEY)
+    holder = options.get(RUN_KEY)
     sigmas = options.get("sigmas")
-    if run is None or not run.enabled or sigmas is None:
+    if holder is None or not holder.run.enabled or sigmas is None:
         return executor(*args, **kwargs)
+    run = holder.run
     x = args[0]
     sigma = float(sigmas.reshape(-1)[0])
     step, steps = run.step_of(sigma)
     key, groups = _stream_key(options, x)
-    if run.config.policy != "step" and run.adapter is None:
-        run.adapter = adapter_for(executor.class_obj)
-    kind = getattr(run.adapter, "kind", "blocks")
-    state = run.stream(key, groups, kind)
+    step_policy = run.config.policy == "step"
+    if not step_policy and holder.adapter is None:
+        holder.adapter = adapter_for(executor.class_obj)
+    deep = holder.adapter is not None and holder.adapter.deep_cache
+    state = run.stream(key, groups, deep)
     with cache.Timer(_sync) as timer:
-        if run.config.policy == "step":
+        if step_policy:
             out = state.run(x, sigma, step, steps, lambda: executor(*args, **kwargs))
-            full = state.consecutive == 0
-        elif kind == "unet":
-            out, full = _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma)
+            full = state.mode is cache.Mode.COMPUTE
+        elif deep:
+            out, full = _run_unet(holder, state, executor, args, kwargs, x, step, steps, sigma)
         else:
-            out, full = _run_blocks(run, state, executor, args, kwargs, x, step, steps, sigma)
+            out, full = _run_blocks(holder, state, executor, args, kwargs, x, step, steps, sigma)
     run.stats.add_call(timer.seconds, full)
     return out
 
 
-def _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma):
+def _run_unet(holder, state, executor, args, kwargs, x, step, steps, sigma):
     """DeepCache-like: (output, computed everything?). UNetModel._forward's arguments are
     (x, timesteps, context, y, control, transformer_options)."""
-    adapter = run.adapter
+    adapter = holder.adapter
     names = ("x", "timesteps", "context", "y", "control", "transformer_options")
     call = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
     if call.get("control") is not None:  # ControlNet residuals enter every block: no shortcut
@@ -128,16 +140,16 @@ def _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma):
     extra = {k: v for k, v in kwargs.items() if k not in names}
     options = call["transformer_options"]
     shallow, emb = adapter.shallow(x, call["timesteps"], call.get("context"), call.get("y"), options, extra)
-    if state.should_skip(shallow, step, steps):
+    if state.decide(shallow, step, steps) is cache.Mode.SKIP:
         deep = state.deep.predict(sigma).to(shallow.dtype)
         state.skipped(adapter.block_count(), 2)
         return adapter.finish(x, shallow, deep, emb, call.get("context"), options, extra), False
-    run.capture = {}
+    holder.capture = {}
     try:
         out = executor(*args, **kwargs)
-        deep = run.capture.get("deep")
+        deep = holder.capture.get("deep")
     finally:
-        run.capture = None
+        holder.capture = None
     if deep is not None:
         state.computed(sigma, shallow, deep, adapter.block_count())
     return out, True
@@ -145,25 +157,25 @@ def _run_unet(run, state, executor, args, kwargs, x, step, steps, sigma):
 
 def deep_feature_patch(h, hsp, transformer_options):
     """Output-block patch: keeps the feature entering the U-Net's last output block (full calls)."""
-    run = transformer_options.get(RUN_KEY)
-    capture = getattr(run, "capture", None)
-    if capture is not None and transformer_options.get("block") == ("output", run.adapter.last_output_block()):
+    holder = transformer_options.get(RUN_KEY)
+    capture = None if holder is None else holder.capture
+    if capture is not None and transformer_options.get("block") == ("output", holder.adapter.last_output_block()):
         capture["deep"] = h.detach().clone()
     return h, hsp
 
 
-def _run_blocks(run, state, executor, args, kwargs, x, step, steps, sigma):
-    adapter = run.adapter
+def _run_blocks(holder, state, executor, args, kwargs, x, step, steps, sigma):
+    adapter = holder.adapter
     timestep = args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None
-    grid = adapter.grid(x, timestep, kwargs) if run.config.policy == "chunk" and adapter.supports_chunks else None
+    grid = adapter.grid(x, timestep, kwargs) if holder.run.config.policy == "chunk" and adapter.supports_chunks else None
     state.begin(step, steps, sigma, grid)
     state.set_depth(len(adapter.chain()))
-    run.current = state
+    holder.current = state
     try:
         out = executor(*args, **kwargs)
     finally:
-        run.current = None
-    return out, state.mode == "compute"
+        holder.current = None
+    return out, state.mode is cache.Mode.COMPUTE
 
 
 def block_patch(position: str):
@@ -171,11 +183,11 @@ def block_patch(position: str):
 
     def patch(args, extra):
         original = extra["original_block"]
-        run = args.get("transformer_options", {}).get(RUN_KEY)
-        state = getattr(run, "current", None)
+        holder = args.get("transformer_options", {}).get(RUN_KEY)
+        state = None if holder is None else holder.current
         if state is None:
             return original(args)
-        adapter = run.adapter
+        adapter = holder.adapter
         if position == "first":
             out = original(args)
             state.first(args["img"], out["img"], adapter.base(out))
@@ -186,9 +198,9 @@ def block_patch(position: str):
 
         if position == "last":
             return {"img": state.last(args["img"], run_tokens)}
-        if state.mode == "skip":
+        if state.mode is cache.Mode.SKIP:
             return adapter.passthrough(args)
-        if state.mode == "partial":
+        if state.mode is cache.Mode.PARTIAL:
             return {"img": state.middle(args["img"], run_tokens)}
         return original(args)
 
@@ -210,7 +222,7 @@ def apply_cache(model, config: cache.CacheConfig):
                              f"{type(diffusion_model).__name__} has none yet. Use the step policy on this model.")
         if config.policy == "chunk" and not adapter.supports_chunks:
             raise ValueError(f"FastGen Cache: the chunk policy does not support {adapter.name} yet; use block or step.")
-        if adapter.kind == "unet":
+        if adapter.deep_cache:
             m.set_model_output_block_patch(deep_feature_patch)
             return m
         chain = adapter.chain()

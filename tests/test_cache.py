@@ -184,13 +184,13 @@ def test_step_cache_extrapolation_is_exact_on_a_linear_trajectory_and_measures_i
 def test_deep_cache_state_skips_on_small_shallow_change_only():
     config = cache.CacheConfig(policy="block", threshold=0.1, max_skips=2)
     run = cache.CacheRun(config, torch.linspace(1, 0, 11))
-    state = run.stream("cond", kind="unet")
+    state = run.stream("cond", deep=True)
     shallow = torch.ones(1, 4, 2, 2)
     state.computed(0.9, shallow, torch.zeros(1, 8, 2, 2), blocks=5)
-    assert state.should_skip(shallow * 1.05, step=2, steps=10)
-    assert not state.should_skip(shallow * 1.5, step=2, steps=10)  # moved too much
-    assert not state.should_skip(shallow, step=9, steps=10)  # the last step
+    assert state.decide(shallow * 1.05, step=2, steps=10) is cache.Mode.SKIP
+    assert state.decide(shallow * 1.5, step=2, steps=10) is cache.Mode.COMPUTE  # moved too much
+    assert state.decide(shallow, step=9, steps=10) is cache.Mode.COMPUTE  # the last step
     state.skipped(5, 2)
     state.skipped(5, 2)
-    assert not state.should_skip(shallow, step=4, steps=10)  # max_skips reached
+    assert state.decide(shallow, step=4, steps=10) is cache.Mode.COMPUTE  # max_skips reached
     assert run.stats.blocks_skipped == 6 and run.stats.blocks == 15

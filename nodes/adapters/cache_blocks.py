@@ -16,7 +16,7 @@ class BlockAdapter:
     """Defaults for chains of blocks that act on tokens `img` [B, L, C] (embedded DiT, Wan)."""
 
     name = "dit"
-    kind = "blocks"
+    deep_cache = False  # block policy as the deep-feature cache (U-Nets, which have no block replacement)
     token_args = ("pe",)  # block arguments with a token dimension (dim 1) to gather with img
     supports_chunks = True
 
@@ -95,7 +95,7 @@ class UNetAdapter:
     deep feature of a full call is read by an output-block patch (`set_model_output_block_patch`)."""
 
     name = "SD-family UNet"
-    kind = "unet"
+    deep_cache = True
     supports_chunks = False
 
     def __init__(self, diffusion_model):

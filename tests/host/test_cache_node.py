@@ -176,8 +176,6 @@ wrappers = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"fastgen_cache"
 def sample(threshold):
     sigmas = torch.linspace(1, 0, 13)
     run = None if threshold is None else cache.CacheRun(cache.CacheConfig(policy="block", threshold=threshold), sigmas)
-    if run is not None:
-        run.adapter, run.current = None, None
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     context = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
     y = torch.zeros(1, 32)
@@ -185,7 +183,8 @@ def sample(threshold):
         for i in range(12):
             options = {"sigmas": sigmas[i:i + 1], "uuids": ["cond"]}
             if run is not None:
-                options.update({nodes_cache.RUN_KEY: run, "patches_replace": {"dit": patches}, "wrappers": wrappers})
+                options.update({nodes_cache.RUN_KEY: nodes_cache.CacheHolder(run), "patches_replace": {"dit": patches},
+                                "wrappers": wrappers})
             v = dm(x, sigmas[i:i + 1], context, y=y, transformer_options=options)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x, run
