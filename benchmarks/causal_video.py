@@ -317,7 +317,7 @@ def compile_counts() -> str:
 
 @contextlib.contextmanager
 def variant_installed(variant: str, dm, device, small: bool = False):
-    """'bf16' as is; 'fp8' / 'int8': the block Linears through FastGen's quantize path (what FastGen
+    """'bf16' as is; 'fp8' / 'int8': the block Linears through FastGen's quantize code (what FastGen
     Quantize Model installs); 'cudnn': SDPA on cuDNN's attention kernels instead of the default
     choice; 'compile': the blocks through torch.compile (WanCausalRun's switch); 'tiny': decode
     with the tiny video decoder instead of the Wan VAE; combined with '+'. `small` (CPU): fp8 / int8
@@ -329,7 +329,7 @@ def variant_installed(variant: str, dm, device, small: bool = False):
                 from fastgen_core import quant
 
                 bank = quant.quantize_model(dm, part)
-                bank.path, why = quant.choose_path(bank.format, torch.device(device))
+                bank.route, why = quant.choose_route(bank.format, torch.device(device))
                 if device == "cpu" and small:  # the GPU's GEMM code (torch._scaled_mm / _int_mm run on CPU): correctness only
                     bank.path, why = part, f"{part} GEMM code on CPU (correctness only, no speed meaning)"
                 stack.enter_context(bank.installed(dm))  # compresses the weights now: compiled blocks run the GEMMs in their graphs

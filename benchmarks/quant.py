@@ -1,4 +1,4 @@
-"""bf16 vs fp8 vs int8 through FastGen's quantize path, side by side in one run, random weights:
+"""bf16 vs fp8 vs int8 through FastGen's quantize node code, side by side in one run, random weights:
 
 (a) a Flux-size DiT block stack: width 3072, 24 heads, MLP 12288, 4608 image tokens (1024x1024);
 (b) a Wan-2.1-1.3B block stack on a causal chunk: width 1536, 12 heads, FFN 8960, 4680 query
@@ -8,11 +8,12 @@
 Each quantized run is what the nodes run: `fastgen_core.quant.LayerQuantizers` routing the block
 Linear layers through modelopt quantizers (FastGen Quantize Model: bf16 originals kept, quantized
 codes cached beside them; "compact": FastGen Load Quantized Model's default, the layers held as
-codes only), with the path `choose_path` picks for the device (fp8: torch._scaled_mm on SM >= 8.9; int8: torch._int_mm on SM >= 8.0; else
-fake-quant). The activation cast runs fused by torch.compile on CUDA, as in the nodes; the "eager"
-rows run it unfused for comparison. Attention stays bf16 (SDPA). For each run it prints the time per forward, the compute
-floor (the stack's FLOPs at the GEMM throughput measured at the start of the run, per precision),
-the speed ratio to bf16, the relative error of the output against bf16 and the peak memory.
+codes only), on the GEMM route `choose_route` picks for the device (fp8: torch._scaled_mm on
+SM >= 8.9; int8: torch._int_mm on SM >= 8.0; else fake-quant). The activation cast runs fused by
+torch.compile on CUDA, as in the nodes; the "eager" rows run it unfused for comparison. Attention
+stays bf16 (SDPA). For each run it prints the time per forward, the compute floor (the stack's
+FLOPs at the GEMM throughput measured at the start of the run, per precision), the speed ratio
+to bf16, the relative error of the output against bf16 and the peak memory.
 
     python benchmarks/quant.py                          # GPU, full size (an H100 / H200 takes ~1 min)
     python benchmarks/quant.py --graphs                 # + each run replayed as a CUDA graph (GPU work alone)
@@ -231,7 +232,7 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
         reference = stack(x)
         seconds = timed(lambda: stack(x), device, args.warmup, args.iters)
         graph_seconds, graph_failed = graphed_seconds(lambda: stack(x), device, args)
-    rows.append(dict(run="bf16", path="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
+    rows.append(dict(run="bf16", route="bf16", seconds=seconds, error=0.0, memory=peak_memory(device),
                      graph_seconds=graph_seconds, graph_failed=graph_failed,
                      floor=(linear_flop + attention_flop) / throughput["bf16"],
                      weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
@@ -253,10 +254,10 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
             bank.calibrate(forward_loop)
         if compact:
             quant.compact_layers(stack, bank)
-        path, why = quant.choose_path(bank.format, device)
+        route, why = quant.choose_route(bank.format, device)
         if device.type == "cpu" and args.small:
-            path, why = fmt, f"{fmt} GEMM code on CPU (correctness only, no speed meaning)"
-        bank.path = path
+            route, why = fmt, f"{fmt} GEMM code on CPU (correctness only, no speed meaning)"
+        bank.route = route
         reset_peak(device)
         with torch.no_grad(), bank.installed(stack):
             out = stack(x)
@@ -264,13 +265,13 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
             graph_seconds, graph_failed = graphed_seconds(lambda s=stack, i=x: s(i), device, args)
             if args.profile and fused and not compact and fmt == "fp8" and not static:
                 profile(lambda s=stack, i=x: s(i), f"{kind} {fmt}")
-        gemm = throughput.get(path, throughput["bf16"])
+        gemm = throughput.get(route, throughput["bf16"])
         label = fmt + (" compact" if compact else "") + ("" if fused else " eager") + (" static" if static else "")
-        rows.append(dict(run=label, path=why, seconds=seconds, memory=peak_memory(device),
+        rows.append(dict(run=label, route=why, seconds=seconds, memory=peak_memory(device),
                          graph_seconds=graph_seconds, graph_failed=graph_failed,
                          error=((out.float() - reference.float()).norm() / reference.float().norm()).item(),
                          floor=linear_flop / gemm + attention_flop / throughput["bf16"],
-                         cache=sum(c[1].numel() * c[1].element_size() for c in bank._cache.values()),
+                         cache=bank.cached_bytes(),
                          weights=sum(m.weight.nbytes for m in quant.linear_layers(stack).values())))
         del bank
     print(f"\n({kind}) {describe(kind, cfg)}: {len(quant.linear_layers(stack))} Linear layers, {weights / 1e6:.1f} M weights "
@@ -278,7 +279,7 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
           "per forward")
     graphs = args.graphs and device.type == "cuda"
     print(f"{'run':13} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'vs bf16':>8} {'rel err':>9} {'weights MiB':>11} "
-          f"{'peak GiB':>9}" + (f" {'graph ms':>9} {'of floor':>8} {'vs bf16':>8}" if graphs else "") + "  path")
+          f"{'peak GiB':>9}" + (f" {'graph ms':>9} {'of floor':>8} {'vs bf16':>8}" if graphs else "") + "  route")
     base, graph_base = rows[0]["seconds"], rows[0].get("graph_seconds")
     for row in rows:
         memory = f"{row['memory']:.2f}" if row["memory"] is not None else "-"
@@ -292,7 +293,7 @@ def run_case(kind, cfg, device, throughput, args) -> list[dict]:
             graph = f" {'-':>9} {'-':>8} {'-':>8}"
             extra += f" (no CUDA graph: {row.get('graph_failed')})"
         print(f"{row['run']:13} {row['seconds'] * 1e3:9.2f} {row['floor'] * 1e3:9.2f} {row['floor'] / row['seconds']:8.0%} "
-              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {weights_mib:11.0f} {memory:>9}{graph}  {row['path']}{extra}")
+              f"{base / row['seconds']:7.2f}x {row['error']:9.2e} {weights_mib:11.0f} {memory:>9}{graph}  {row['route']}{extra}")
     return rows
 
 

@@ -7,7 +7,7 @@ FastGen Save Quantized Model  the quantized MODEL -> <name>.safetensors in the h
                               weights + modelopt quantizer state, the other weights in their file dtype)
 FastGen Load Quantized Model  that file -> the quantized MODEL, with no recalibration
 
-How it meets the host (the design is in fastgen_core/quant.py): the diffusion model is never
+How it meets the host (the design is in fastgen_core/quant/__init__.py): the diffusion model is never
 converted. An APPLY_MODEL wrapper routes the selected Linear layers through modelopt quantizers
 held beside the model, for the duration of each forward only, and hands them each layer's weight
 as the host computes it (`comfy.ops.cast_bias_weight`: device / dtype casting and low-VRAM LoRA
@@ -61,7 +61,7 @@ class QuantizeWrapper:
 
     def host_weights(self, module, x):
         """The weight and bias the host would use for this layer now, and a key for the real
-        paths' cache of quantized weights (None while low-VRAM patches are computed per call)."""
+        routes' cache of quantized weights (None while low-VRAM patches are computed per call)."""
         weight, bias = host_weight_and_bias(module, x)
         if getattr(module, "weight_function", None):
             return weight, bias, None
@@ -100,26 +100,26 @@ def quantize_layers(diffusion_model, fmt: str, pattern: str) -> quant.LayerQuant
 def attach(model, bank: quant.LayerQuantizers):
     """A clone of `model` that runs quantized through `bank`, and the text saying how."""
     device = model.load_device
-    path, why = quant.choose_path(bank.format, device)
-    bank.path = path
+    route, why = quant.choose_route(bank.format, device)
+    bank.route = route
     bank.to(device)
     patched = model.clone()
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, QuantizeWrapper(bank, model.model))
     patched.attachments[ATTACHMENT_KEY] = bank
-    return patched, report(model, bank, path, why)
+    return patched, report(model, bank, route, why)
 
 
-def report(model, bank: quant.LayerQuantizers, path: str, why: str) -> str:
+def report(model, bank: quant.LayerQuantizers, route: str, why: str) -> str:
     diffusion_model = model.model.diffusion_model
     total = len(quant.linear_layers(diffusion_model))
     now, packed = quant.layer_memory(diffusion_model, bank.layers, bank.format.weight_bits)
     lines = [f"{bank.format.name} on {len(bank.layers)} of {total} Linear layers "
              f"({'calibrated, ' + bank.config['algorithm'] if bank.calibrated else 'dynamic scaling, no calibration'})"]
     if all(getattr(diffusion_model.get_submodule(n), "compact_format", None) for n in bank.layers):
-        codes = "straight on the stored codes" if path in ("fp8", "int8") else "dequantized from the stored codes per call"
+        codes = "straight on the stored codes" if route in ("fp8", "int8") else "dequantized from the stored codes per call"
         lines.append(f"{why} on {len(bank.layers)} layers, {codes}: {now / 2**20:.1f} MiB of weights")
-    elif path in ("fp8", "int8"):
+    elif route in ("fp8", "int8"):
         lines.append(f"{why} on {len(bank.layers)} layers")
         lines.append(f"quantized weights cached on the device: +{packed / 2**20:.1f} MiB beside the originals "
                      f"({now / 2**20:.1f} MiB), which stay so that LoRAs can patch them")
@@ -154,7 +154,8 @@ class FastGenQuantizeModel(io.ComfyNode):
             category="FastGen/patch",
             description="Quantizes the transformer / UNet layers of any MODEL with NVIDIA ModelOpt. Real low-precision "
             "GEMMs where the GPU has them (fp8: SM >= 8.9; int8: SM >= 8.0), elsewhere fake-quant (the format's "
-            "accuracy, no speedup). LoRAs before or after this node keep working. The report says which path runs.",
+            "accuracy, no speedup). LoRAs before or after this node keep working. "
+            "The report says which route runs: a real GEMM or fake-quant.",
             inputs=[
                 io.Model.Input("model", tooltip="Any MODEL the host runs (Wan, Flux, SD, the embedded models...)."),
                 io.Combo.Input("format", options=list(quant.FORMATS), default="fp8",
@@ -166,7 +167,7 @@ class FastGenQuantizeModel(io.ComfyNode):
                 io.Boolean.Input("calibrate", default=False, tooltip="Off: calibration-free dynamic scaling (per call). "
                                  "On: run `steps` sampling steps on `positive` + `latent` to fix activation ranges (and "
                                  "search SmoothQuant / AWQ scales, which need it). On an fp8 GPU fixed ranges are also faster "
-                                 "(no per-call range pass: 1.31x vs 1.18x over bf16 on a Flux-size stack, H200)."),
+                                 "(no per-call range pass; measured in benchmarks/RESULTS.md)."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps of the calibration run."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Conditioning for the calibration run."),
                 io.Latent.Input("latent", optional=True, tooltip="A latent of the size you will sample (calibration run)."),
@@ -174,7 +175,7 @@ class FastGenQuantizeModel(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The quantized MODEL (the input MODEL is unchanged)."),
-                io.String.Output(display_name="report", tooltip="Layers quantized and which path runs (GEMM or fake-quant)."),
+                io.String.Output(display_name="report", tooltip="Layers quantized and which route runs (a real GEMM or fake-quant)."),
             ],
         )
 
@@ -320,7 +321,7 @@ class FastGenLoadQuantizedModel(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The quantized MODEL."),
-                io.String.Output(display_name="report", tooltip="Layers quantized and which path runs."),
+                io.String.Output(display_name="report", tooltip="Layers quantized and which route runs."),
             ],
         )
 

@@ -29,6 +29,7 @@ def test_no_module_in_fastgen_core_imports_the_host():
 
 def test_importing_every_core_module_loads_no_host_module():
     modules = [f"fastgen_core.{n[:-3]}" for n in os.listdir(CORE) if n.endswith(".py") and n != "__init__.py"]
+    modules += [f"fastgen_core.{n}" for n in os.listdir(CORE) if os.path.isfile(os.path.join(CORE, n, "__init__.py"))]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -145,30 +145,30 @@ def test_smoothquant_calibration_never_writes_the_models_weights():
     with bank.installed(net):
         smooth = one_call(net)
     assert relative_error(smooth, one_call(net)) < 0.1  # measured 0.07 (calibrated on one other batch)
-    bank.path = "int8"  # the int8 GEMM with the smoothing scales and the calibrated input range
+    bank.route = "int8"  # the int8 GEMM with the smoothing scales and the calibrated input range
     with bank.installed(net):
         assert relative_error(one_call(net), smooth) < 0.05
 
 
-@pytest.mark.parametrize("path", ["fp8", "int8"])
-def test_real_gemm_paths_agree_with_fake_quant(path):
+@pytest.mark.parametrize("route", ["fp8", "int8"])
+def test_real_gemm_routes_agree_with_fake_quant(route):
     """torch._scaled_mm / torch._int_mm run on CPU too: the GPU code path, checked here."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 128, generator=gen).bfloat16()
     w = (torch.randn(96, 128, generator=gen) * 0.05).bfloat16()
     bias = torch.randn(96, generator=gen).bfloat16()
     exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
-    w_q, w_scale = quant.compress_weight(w, path)
-    assert w_q.dtype == (torch.float8_e4m3fn if path == "fp8" else torch.int8)
-    linear = quant.fp8_linear if path == "fp8" else quant.int8_linear
-    out = linear(x, w_q, w_scale, bias)
+    w_q, w_scale = quant.compress_weight(w, route)
+    assert w_q.dtype == quant.CODE_DTYPES[route]
+    linear = quant.fp8_linear if route == "fp8" else quant.int8_linear
+    out = linear(x, w_q, w_scale.reshape(-1), bias)
     assert out.dtype == torch.bfloat16 and (out.float() - exact).norm() / exact.norm() < 3e-2
 
 
-def test_real_path_follows_weight_changes(teacher):
+def test_real_route_follows_weight_changes(teacher):
     net = checkpoint.load_network(TEACHER)[0]
     bank = quant.quantize_model(net, "int8")
-    bank.path = "int8"  # what choose_path picks on an SM >= 8.0 GPU
+    bank.route = "int8"  # what choose_route picks on an SM >= 8.0 GPU
     with bank.installed(net):
         first = one_call(net)
     with torch.no_grad():
@@ -256,15 +256,15 @@ def test_a_failing_gemm_falls_back_to_fake_quant(monkeypatch):
         raise RuntimeError("_scaled_mm is not supported on this device")
 
     monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
-    bank.path = "fp8"
+    bank.route = "fp8"
     with bank.installed(net):
         out = one_call(net)
-    assert bank.path == "fake" and "not supported" in bank.fallback
+    assert bank.route == "fake" and "not supported" in bank.fallback
     torch.testing.assert_close(out, fake, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt, monkeypatch):
+def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt):
     """A loaded quantized model can keep its layers as codes (half of bf16) and dequantize them on
     the fly; the host patches LoRAs into such layers through convert_weight / set_weight."""
     net = checkpoint.load_network(TEACHER)[0]
@@ -277,21 +277,23 @@ def test_compact_layers_hold_8_bit_codes_and_take_the_hosts_weight_patches(fmt, 
     assert quant.compact_layers(net, bank) == bank.layers
     gc.collect()
     assert weakly_held() is None, "something still holds the full-precision weight"
-    assert {net.get_submodule(name).weight.dtype for name in bank.layers} == {quant._CODE_DTYPES[fmt]}
+    assert {net.get_submodule(name).weight.dtype for name in bank.layers} == {quant.CODE_DTYPES[fmt]}
     with bank.installed(net):
         compact = one_call(net)
     torch.testing.assert_close(compact, expected, rtol=0, atol=0)
-    bank.path = fmt  # what a GPU with the kernel runs: the GEMM straight on the stored codes
-    with monkeypatch.context() as patched:
-        patched.setattr(quant, "dequantized", lambda *a: pytest.fail("the real path dequantized a compact weight"))
-        with bank.installed(net):
-            real = one_call(net)
-    assert relative_error(real, expected) < 0.05 and not bank._cache  # no second copy of the weights
+    bank.route = fmt  # what a GPU with the kernel runs: the GEMM straight on the stored codes
+
+    def no_values(*args):
+        pytest.fail("the real route asked for a compact layer's weight as values")
+
+    with bank.installed(net, weights=no_values):
+        real = one_call(net)
+    assert relative_error(real, expected) < 0.05 and bank.cached_bytes() == 0  # no second copy of the weights
 
     values = fc1.convert_weight(fc1.weight.float())  # the host: codes -> values, add the patch, set
     assert relative_error(values, original) < 0.05
     fc1.set_weight(values * 0.5)
-    assert fc1.weight.dtype == quant._CODE_DTYPES[fmt]
+    assert fc1.weight.dtype == quant.CODE_DTYPES[fmt]
     assert relative_error(quant.dequantized(fc1, fc1.weight, torch.float32), values * 0.5) < 0.05
 
 
@@ -335,7 +337,7 @@ def test_a_compact_model_can_be_quantized_again_in_another_format():
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_activation_codes_are_modelopts_and_compile_as_one_graph(fmt):
-    """The real paths' activation cast is modelopt's QTensor code written so that torch.compile
+    """The real routes' activation cast is modelopt's QTensor code written so that torch.compile
     fuses it on CUDA: same codes as modelopt's quantize in eager, one graph with no breaks (a
     break would bring back the separate passes), calibrated ranges saturate without a host sync."""
     from modelopt.torch.quantization.qtensor import FP8QTensor, INT8QTensor
@@ -343,16 +345,16 @@ def test_activation_codes_are_modelopts_and_compile_as_one_graph(fmt):
 
     x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).bfloat16() * 3
     qmax, qtensor = (448.0, FP8QTensor) if fmt == "fp8" else (127.0, INT8QTensor)
-    codes, scale = quant._activation_codes(x, None, fmt)
+    codes, scale = quant.activation_codes(x, None, fmt)
     expected_codes, expected_scale = qtensor.quantize(x, scales=reduce_amax(x).float() / qmax)
     assert torch.equal(codes.float(), expected_codes._quantized_data.float()) and torch.equal(scale, expected_scale)
 
     calibrated = torch.tensor([1.0, 2.0])  # a per-channel calibrated range: its max, per tensor
-    codes, scale = quant._activation_codes(x, calibrated, fmt)
+    codes, scale = quant.activation_codes(x, calibrated, fmt)
     assert scale.item() == pytest.approx(2.0 / qmax) and codes.float().abs().max().item() == pytest.approx(qmax)
 
     for amax in (None, calibrated):
-        explained = torch._dynamo.explain(quant._activation_codes)(x, amax, fmt)
+        explained = torch._dynamo.explain(quant.activation_codes)(x, amax, fmt)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -363,14 +365,13 @@ def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, capl
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(quant, "_FUSED", {})
     x = torch.randn(8, 16)
-    assert quant._fused(quant._activation_codes, x) is quant._activation_codes  # CPU: eager, nothing compiled
-    fused = quant._FirstCallFallback(quant._activation_codes)
+    assert quant.fused(quant.activation_codes, x) is quant.activation_codes  # CPU: eager, nothing compiled
+    fused = quant.CompiledOrEager(quant.activation_codes)
     with caplog.at_level("WARNING", logger="fastgen"):
         codes, scale = fused(x, None, "int8")
         again, _ = fused(x, None, "int8")
-    assert torch.equal(codes, quant._activation_codes(x, None, "int8")[0]) and torch.equal(codes, again)
+    assert torch.equal(codes, quant.activation_codes(x, None, "int8")[0]) and torch.equal(codes, again)
     assert sum("running it eagerly" in r.message for r in caplog.records) == 1
 
 
@@ -403,15 +404,15 @@ def test_int4_layers_are_held_as_packed_codes_at_a_quarter_of_bf16():
     assert quant.dequantized(fc1, fc1.weight, torch.float32).abs().max() <= values.abs().max() * 8 / 7 + 1e-6
 
 
-@pytest.mark.parametrize("path", ["int8", "fp8"])
-def test_real_gemm_layers_compile_into_the_models_graph(path):
-    """On the real GEMM paths the installed layers share one forward whose per-layer data are
+@pytest.mark.parametrize("route", ["int8", "fp8"])
+def test_real_gemm_layers_compile_into_the_models_graph(route):
+    """On the real GEMM routes the installed layers share one forward whose per-layer data are
     buffers (the compressed weight, made when installing): torch.compile traces the whole teacher
-    as one graph, quantized GEMMs included, and each layer computes what its eager path does.
+    as one graph, quantized GEMMs included, and each layer computes what its eager forward does.
     Leaving the block puts every module back as it was."""
     net = checkpoint.load_network(TEACHER)[0]
-    bank = quant.quantize_model(net, path)
-    bank.path = path  # torch._scaled_mm / torch._int_mm run on CPU: the GPU's code
+    bank = quant.quantize_model(net, route)
+    bank.route = route  # torch._scaled_mm / torch._int_mm run on CPU: the GPU's code
     before = module_state(net)
     layer, x = net.blocks[0].fc1, torch.randn(2, 64, 128, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
@@ -432,12 +433,12 @@ def test_real_gemm_layers_compile_into_the_models_graph(path):
 
 
 def test_a_weights_function_that_fails_on_the_probe_leaves_the_layers_eager():
-    """Installing asks each layer's weights for a zero-row probe input to prepare the compiled path;
+    """Installing asks each layer's weights for a zero-row probe input to prepare the compiled forward;
     a weights function that cannot take it (a host cast with its own ideas) must cost only that
-    path: the layers run eagerly with the same output."""
+    forward: the layers run eagerly with the same output."""
     net = checkpoint.load_network(TEACHER)[0]
     bank = quant.quantize_model(net, "int8")
-    bank.path = "int8"
+    bank.route = "int8"
 
     def picky(module, x):
         if x.shape[0] == 0:
@@ -459,7 +460,7 @@ def module_state(net):
             for name, m in net.named_modules()}
 
 
-def test_layers_without_a_compiled_path_break_the_graph_without_recompiling():
+def test_layers_without_a_compiled_forward_break_the_graph_without_recompiling():
     """Fake-quant (and compact, uncached) layers stay eager inside a compiled model: a graph break
     per layer through one shared function, so no guard on a per-layer object."""
     from torch._dynamo.utils import guard_failures

@@ -90,7 +90,7 @@ def test_quantized_layers_run_inside_the_compiled_blocks(host_wan):
     """fp8 / int8 layers (FastGen Quantize Model) in compiled blocks: with their compressed weights
     as buffers of the layers, the 40 quantized Linears of the 4 blocks run inside the blocks' graphs
     (as many graphs as unquantized, no recompile per block or layer), as the eager quantized blocks
-    compute. int8's torch._int_mm runs on CPU: the GPU's real GEMM path, not fake-quant."""
+    compute. int8's torch._int_mm runs on CPU: the GPU's real GEMM route, not fake-quant."""
     pytest.importorskip("modelopt.torch.quantization")
     from torch._dynamo.utils import counters, guard_failures
 
@@ -105,7 +105,7 @@ def test_quantized_layers_run_inside_the_compiled_blocks(host_wan):
     plain_graphs = counters["stats"]["unique_graphs"] - graphs
 
     bank = quant.quantize_model(model, "int8")
-    bank.path = "int8"  # what choose_path picks on an SM >= 8.0 GPU
+    bank.route = "int8"  # what choose_route picks on an SM >= 8.0 GPU
     before = {name: (set(m.__dict__), dict(m._buffers)) for name, m in model.named_modules()}
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
