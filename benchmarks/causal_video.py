@@ -28,7 +28,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fastgen_core import world  # noqa: E402
+from fastgen_core import sampling, world  # noqa: E402
 from fastgen_core.tiny_vae import TinyVideoDecoder  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def rollout(dm, decoder, wan_causal, context, args, device, dtype, chunks, setti
                "optimized_attention_override": wan_causal.causal_attention, wan_causal.RUN_KEY: run}
     shift = 5.0
     ts = torch.tensor([1.0, 0.75, 0.5, 0.25][: args.steps] + [0.0])
-    sigmas = (shift * ts / (1 + (shift - 1) * ts)).tolist()
+    sigmas = sampling.flow_shift(ts, shift).tolist()
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (1, 16, args.chunk, args.height // 8, args.width // 8)
     start = time.perf_counter()
