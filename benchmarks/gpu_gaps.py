@@ -30,9 +30,9 @@ TARGETS = [
     ("comfy.model_base", "BaseModel.apply_model"), ("comfy.ldm.wan.model", "WanModel.forward_orig"),
     ("comfy.ldm.wan.model", "WanModel.rope_encode"), ("comfy.utils", "ProgressBar.update_absolute"),
     ("comfy.sample", "prepare_noise"),
-    ("*.nodes.adapters.causal_loop", "context_pass"), ("*.nodes.adapters.causal_loop", "decode_beside"),
-    ("*.nodes.adapters.wan_causal", "WanCausalRun.begin_chunk"),
-    ("*.nodes.tiny_vae", "frames_as_images"), ("*.fastgen_core.graphs", "ForwardGraphs.__call__"),
+    ("*.nodes.host.causal_loop", "context_pass"), ("*.nodes.host.causal_loop", "decode_beside"),
+    ("*.nodes.host.wan_causal", "WanCausalRun.begin_chunk"),
+    ("*.nodes.host.tiny_decoder", "frames_as_images"), ("*.fastgen_core.graphs", "ForwardGraphs.__call__"),
     ("*.fastgen_core.sampling", "sample_tcd"), ("*.fastgen_core.sampling", "_noise_like"),
 ]
 

@@ -9,7 +9,7 @@ through wrappers on a MODEL clone, so they compose with LoRA, weight patches and
   conditionings batched in the call — so cond and uncond never share cached tensors; it never
   writes into its input (the sampler's latent);
 - block replacement (`set_model_patch_replace`, "dit" double/single blocks) for the block and
-  chunk policies, through the adapters in nodes/adapters/cache_blocks.py.
+  chunk policies, through the adapters in nodes/host/cache_blocks.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import cache
-from .adapters import inputs
-from .adapters.cache_blocks import adapter_for
+from .host import inputs
+from .host.cache_blocks import adapter_for
 
 SETTINGS_KEY = "fastgen_cache"  # transformer_options: the CacheConfig
 RUN_KEY = "fastgen_cache_run"  # transformer_options during a run: its CacheHolder

@@ -23,9 +23,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import distill, images, sampling
-from .adapters import inputs, save_paths
-from .adapters.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
-from .world_session import prompt_server
+from .host import inputs, save_paths
+from .host.conds import model_conds
+from .host.recipes import host_family, host_timestep_to_sigma, model_name, with_recipe
+from .host.server import prompt_server
 
 log = logging.getLogger("fastgen")
 
@@ -202,32 +203,6 @@ def tell_page(events: LossEvents, text: str):
     log.warning("%s", text)
     if events.server is not None and events.client and hasattr(events.server, "send_progress_text"):
         events.server.send_progress_text(text, events.node_id, events.client)
-
-
-def model_conds(base, conditioning, name: str, latent_shape, device) -> list[dict]:
-    """One dict of apply_model inputs per prompt, made by the host's own `extra_conds` (as its
-    samplers do), with tensors cloned out of inference mode so autograd can use them."""
-    if not conditioning:
-        raise ValueError(f"{name} conditioning is empty")
-    noise = torch.zeros((1, *latent_shape), device=device)
-    rows = []
-    for tensor, options in conditioning:
-        params = {**options, "device": device, "noise": noise, "prompt_type": name}
-        params.setdefault("width", latent_shape[-1] * 8)
-        params.setdefault("height", latent_shape[-2] * 8)
-        if tensor is not None:
-            params["cross_attn"] = tensor[:1].to(device)
-        conds = base.extra_conds(**params)
-        row = {}
-        for key, cond in conds.items():
-            value = cond.process_cond(batch_size=1, area=None, device=device).cond
-            row[key] = value.detach().clone().to(device) if torch.is_tensor(value) else value
-        rows.append(row)
-    shapes = {key: rows[0][key].shape for key in rows[0] if torch.is_tensor(rows[0][key])}
-    for row in rows[1:]:
-        if {k: v.shape for k, v in row.items() if torch.is_tensor(v)} != shapes:
-            raise ValueError(f"{name} conditionings have different shapes (token lengths); encode them with one text encoder")
-    return rows
 
 
 class FastGenDistillDMD(io.ComfyNode):

@@ -16,8 +16,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..fastgen_core import hub
-from .adapters import save_paths
-from .adapters.recipes import describe
+from .host import save_paths
+from .host.recipes import describe
 
 # The loaders' file-name inputs are combos, typed "COMBO" on V3 nodes; io.Combo.Output types itself as its
 # option list, which the host's link check refuses there, so the name goes out as a plain "COMBO".

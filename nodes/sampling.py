@@ -9,59 +9,12 @@ same SAMPLER re-noises correctly on Wan, Flux, SDXL and our embedded models.
 from __future__ import annotations
 
 import comfy.samplers
-import torch
 from comfy_api.latest import io
 
 from ..fastgen_core import sampling
-from .adapters import inputs
-from .adapters.recipes import host_alpha, host_timestep_to_sigma, model_recipe, recipe_sigmas
-
-METHODS = {
-    "multistep_sde": "DMD2 / LCM / consistency students: predict x0, re-noise with fresh noise",
-    "multistep_ode": "DDIM / flow-map jump: re-noise with the predicted noise (deterministic)",
-    "tcd": "TCD: partial re-noising with gamma (1 = LCM, 0 = DDIM)",
-    "ab2": "AB2 for teachers: second-order multistep in sigma, one model call per step (best at 8-16 steps here)",
-    "dpmpp_2m": "DPM-Solver++(2M) for teachers: second-order multistep in log-SNR",
-    "euler": "Euler for teachers (the reference first-order ODE solver)",
-}
-
-
-def sampler_function(method: str, gamma: float):
-    if method not in METHODS:
-        raise ValueError(f"unknown few-step method {method!r}; choose one of {sorted(METHODS)}")
-
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = {} if extra_args is None else extra_args
-        model_sampling = model.inner_model.inner_model.model_sampling
-        alpha = host_alpha(model_sampling)
-        s_in = x.new_ones([x.shape[0]])
-
-        def denoiser(x, sigma):
-            return model(x, sigma * s_in, **extra_args)
-
-        seed = extra_args.get("seed")
-        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        if method == "euler":
-            return sampling.sample_euler(denoiser, x, sigmas, callback=callback)
-        if method == "ab2":
-            return sampling.sample_ab2(denoiser, x, sigmas, callback=callback)
-        if method == "dpmpp_2m":
-            return sampling.sample_dpmpp_2m(denoiser, x, sigmas, callback=callback, alpha=alpha)
-        if method == "tcd":
-            def sigma_at(sigma, fraction):
-                # the ends exactly: discrete models' timestep() rounds to a table index
-                if fraction <= 0:
-                    return 0.0
-                if fraction >= 1:
-                    return sigma
-                return model_sampling.sigma(model_sampling.timestep(sigma.reshape(1)) * fraction).reshape(())
-
-            return sampling.sample_tcd(denoiser, x, sigmas, gamma=gamma, generator=generator, callback=callback,
-                                       alpha=alpha, sigma_at=sigma_at)
-        noise = "sde" if method == "multistep_sde" else "ode"
-        return sampling.sample_multistep(denoiser, x, sigmas, noise=noise, generator=generator, callback=callback, alpha=alpha)
-
-    return sample
+from .host import inputs
+from .host.recipes import host_timestep_to_sigma, model_recipe, recipe_sigmas
+from .host.samplers import METHODS, sampler_function
 
 
 class FastGenSampler(io.ComfyNode):

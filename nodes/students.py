@@ -19,7 +19,6 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_detection
 import comfy.sample
-import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -28,19 +27,13 @@ from comfy_api.latest import io, ui
 
 from ..fastgen_core import checkpoint, students
 from ..fastgen_core.recipe import RECIPE_KEY, Recipe, families_compatible, lookup_recipe
-from .adapters import file_dtypes, inputs
-from .adapters.embedded import load_digit_model
-from .adapters.recipes import apply_recipe_shift, describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
-from .loaders import embedded_models, resolve_model_path
-from .sampling import METHODS, sampler_function
+from .host import file_dtypes, inputs
+from .host.embedded import load_digit_model
+from .host.model_files import embedded_models, resolve_model_path
+from .host.recipes import describe, host_family, model_recipe, recipe_sigmas, with_recipe, with_source
+from .host.samplers import METHODS, NO_RECIPE_HELP, SAMPLER_CHOICES, SCHEDULER_CHOICES, plan_sampling, recipe_sampler, warn
 
 log = logging.getLogger("fastgen")
-
-NO_RECIPE_HELP = (
-    "Choose the settings its model card gives: typically 4-8 steps, cfg 1 (distilled students do not use CFG), "
-    "sampler multistep_sde (DMD2 / LCM) or euler (rectified-flow students), and the student's shift."
-)
-
 
 def _find_recipe(path: str, metadata: dict, keys, family: str | None, kind: str) -> tuple[Recipe | None, str]:
     """The recipe for a student file and where it came from: metadata > sidecar > known-students table."""
@@ -86,11 +79,6 @@ def load_student(path: str):
     file_dtypes.remember(model.model, dtypes)
     recipe, note = _find_recipe(path, student.metadata, keys, host_family(model), "model")
     return model, recipe, note
-
-
-def _warn(messages: list[str], text: str):
-    log.warning("FastGen: %s", text)
-    messages.append("warning: " + text)
 
 
 class FastGenLoadStudent(io.ComfyNode):
@@ -166,7 +154,7 @@ class FastGenLoadStudentLoRA(io.ComfyNode):
 
         messages = []
         if missing:
-            _warn(messages, f"{len(missing)} of the LoRA's layers are not in this model and were skipped (e.g. {missing[0]})")
+            warn(messages, f"{len(missing)} of the LoRA's layers are not in this model and were skipped (e.g. {missing[0]})")
         patched = model.clone()
         patched.add_patches(comfy.lora.load_lora(lora, key_map, log_missing=False), strength)
 
@@ -176,63 +164,11 @@ class FastGenLoadStudentLoRA(io.ComfyNode):
             if recipe is not None:
                 note = "the LoRA has no recipe; kept the input model's"
         if recipe is not None and not families_compatible(recipe.family, family):
-            _warn(messages, f"the recipe is for {recipe.family}, but the model is {family}")
+            warn(messages, f"the recipe is for {recipe.family}, but the model is {family}")
         if recipe is not None and recipe.lora_strength is not None and abs(recipe.lora_strength - strength) > 1e-6:
-            _warn(messages, f"the student's authors use strength {recipe.lora_strength:g}; this node has {strength:g}")
+            warn(messages, f"the student's authors use strength {recipe.lora_strength:g}; this node has {strength:g}")
         text = "\n".join([describe(recipe), note, *messages])
         return io.NodeOutput(with_recipe(patched, recipe), text, ui=ui.PreviewText(text))
-
-
-SAMPLER_CHOICES = ["recipe", *METHODS, *[n for n in comfy.samplers.SAMPLER_NAMES if n not in METHODS]]
-SCHEDULER_CHOICES = ["recipe", *comfy.samplers.SCHEDULER_NAMES]
-
-
-def recipe_sampler(name: str, recipe: Recipe | None):
-    if name in METHODS:
-        gamma = recipe.gamma if recipe is not None and recipe.gamma is not None else 0.3
-        return comfy.samplers.KSAMPLER(sampler_function(name, gamma))
-    if name in comfy.samplers.SAMPLER_NAMES:
-        return comfy.samplers.sampler_object(name)
-    raise ValueError(f"the student's recipe names sampler {name!r}, which neither FastGen nor this ComfyUI has: set the "
-                     f"node's sampler input to one of {inputs.choices_text(SAMPLER_CHOICES[1:])}")
-
-
-def check_choices(sampler: str, scheduler: str):
-    """The node's own sampler / scheduler values (a linked or API-sent value can be anything): a
-    bad one is the node's input's fault, not the recipe's."""
-    for name, value, choices in (("sampler", sampler, SAMPLER_CHOICES), ("scheduler", scheduler, SCHEDULER_CHOICES)):
-        if value not in choices:
-            raise ValueError(f"the node's {name} input {value!r} is not one of its choices: {inputs.choices_text(choices)}")
-
-
-def plan_sampling(model, steps: int, cfg: float, sampler: str, scheduler: str):
-    """Settings for one run: the recipe's, with the node's overrides, and warnings for bad overrides."""
-    check_choices(sampler, scheduler)
-    recipe, messages = model_recipe(model), []
-    if recipe is None:
-        unset = [name for name, value in (("steps", steps), ("cfg", cfg), ("sampler", sampler)) if value in (0, "recipe")]
-        if unset:
-            raise ValueError(f"This MODEL carries no recipe, so set {', '.join(unset)} on the node. {NO_RECIPE_HELP}")
-        recipe = Recipe(family=host_family(model), prediction="eps", steps=steps, cfg=cfg, sampler=sampler,
-                        scheduler=None if scheduler == "recipe" else scheduler, method="manual")
-        return model, recipe, steps, cfg, sampler, (None if scheduler == "recipe" else scheduler), messages
-
-    family = host_family(model)
-    if not families_compatible(recipe.family, family):
-        _warn(messages, f"the recipe is for {recipe.family}, but the model is {family}")
-    use_steps = steps or recipe.steps
-    use_cfg = cfg or recipe.cfg
-    use_sampler = recipe.sampler if sampler == "recipe" else sampler
-    use_scheduler = None if scheduler == "recipe" else scheduler
-    if recipe.cfg <= 1.0 and use_cfg > 1.0:
-        _warn(messages, f"this student is CFG-distilled (its recipe uses cfg {recipe.cfg:g}); cfg {use_cfg:g} runs the model "
-              "twice per step and usually burns or over-saturates the result")
-    if use_steps != recipe.steps and (recipe.timesteps or recipe.sigmas):
-        _warn(messages, f"the student was trained for {recipe.steps} steps at fixed noise levels; {use_steps} steps use the "
-              f"'{use_scheduler or recipe.scheduler or 'simple'}' spacing instead, which it never saw")
-    if use_sampler != recipe.sampler:
-        _warn(messages, f"the recipe samples with {recipe.sampler}; {use_sampler} may not match how the student was trained")
-    return apply_recipe_shift(model, recipe), recipe, use_steps, use_cfg, use_sampler, use_scheduler, messages
 
 
 class FastGenStudentSampler(io.ComfyNode):

@@ -33,8 +33,9 @@ from PIL import Image
 
 from ..fastgen_core import checkpoint, data, world
 from ..fastgen_core.session import RateLimiter, WorldSession
-from .adapters import inputs
-from .loaders import embedded_models, resolve_model_path, user_models
+from .host import inputs
+from .host.model_files import embedded_models, resolve_model_path, user_models
+from .host.server import prompt_server
 
 ARCH = "CausalWorldDiT"
 MAX_SESSIONS = 4  # whole server: each session holds a CPU/GPU worker
@@ -81,14 +82,6 @@ class Sessions:
 SESSIONS = Sessions()
 
 
-def prompt_server():
-    """The running host's PromptServer, or None where the pack is imported without one (tools that
-    load the node classes only): then there are no routes and the node says so."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return None
-    return getattr(PromptServer, "instance", None)
 _models: dict[tuple[str, float], object] = {}
 
 

@@ -154,7 +154,7 @@ from comfy.ldm.flux.model import Flux
 spec = importlib.util.spec_from_file_location("fastgen_pack", sys.argv[2] + "/__init__.py", submodule_search_locations=[sys.argv[2]])
 pack = importlib.util.module_from_spec(spec); sys.modules["fastgen_pack"] = pack; spec.loader.exec_module(pack)
 from fastgen_pack.nodes import cache as nodes_cache
-from fastgen_pack.nodes.adapters.cache_blocks import adapter_for
+from fastgen_pack.nodes.host.cache_blocks import adapter_for
 from fastgen_pack.fastgen_core import cache
 
 # a tiny Flux (2 double + 2 single blocks) with random weights, called the way the host calls it

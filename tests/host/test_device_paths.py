@@ -15,7 +15,7 @@ def host():
         import comfy.model_sampling
         import comfy.supported_models_base
 
-        return comfy.model_sampling, import_pack_module("nodes.sampling"), import_pack_module("nodes.adapters.recipes")
+        return comfy.model_sampling, import_pack_module("nodes.host.samplers"), import_pack_module("nodes.host.recipes")
 
     return import_host_in_process(load)
 
@@ -75,7 +75,7 @@ def wan():
         import comfy.ldm.wan.model
         import comfy.ops
 
-        return comfy.ldm.wan.model, import_pack_module("nodes.adapters.wan_causal"), import_pack_module("fastgen_core.world")
+        return comfy.ldm.wan.model, import_pack_module("nodes.host.wan_causal"), import_pack_module("fastgen_core.world")
 
     return import_host_in_process(load)
 
@@ -169,7 +169,7 @@ def test_wan_latent_formats_on_the_device_copy_nothing_per_call_and_give_the_sam
     def load():
         import comfy.latent_formats
 
-        return comfy.latent_formats, import_pack_module("nodes.adapters.devices"), import_pack_module("nodes.tiny_vae")
+        return comfy.latent_formats, import_pack_module("nodes.host.devices"), import_pack_module("nodes.host.tiny_decoder")
 
     latent_formats, devices, tiny_vae = import_host_in_process(load)
     x = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ class Config:
 # the pack, imported as ComfyUI imports it, for the node layer's own conversion
 spec = importlib.util.spec_from_file_location("fastgen_pack", sys.argv[3] + "/__init__.py", submodule_search_locations=[sys.argv[3]])
 pack = importlib.util.module_from_spec(spec); sys.modules["fastgen_pack"] = pack; spec.loader.exec_module(pack)
-from fastgen_pack.nodes.adapters.recipes import host_timestep_to_sigma
+from fastgen_pack.nodes.host.recipes import host_timestep_to_sigma
 
 timesteps = json.loads(sys.argv[2])
 samplings = {"discrete": ms.ModelSamplingDiscrete(Config()), "flux_shift_1.15": ms.ModelSamplingFlux(Config(shift=1.15)),

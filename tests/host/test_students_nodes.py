@@ -225,7 +225,7 @@ def test_a_linked_bad_sampler_name_blames_the_node_input():
     """A value that arrives through a link is not seen by validation: the node says whose it was."""
     from comfy_host import import_host_in_process, import_pack_module
 
-    students = import_host_in_process(lambda: import_pack_module("nodes.students"))
+    students = import_host_in_process(lambda: import_pack_module("nodes.host.samplers"))
     with pytest.raises(ValueError, match=r"the node's sampler input 'bogus' is not one of its choices: recipe, multistep_sde"):
         students.plan_sampling(None, 0, 0.0, "bogus", "recipe")
     with pytest.raises(ValueError, match=r"the student's recipe names sampler 'gone', .* set the node's sampler input"):

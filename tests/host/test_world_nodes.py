@@ -171,7 +171,7 @@ def test_the_context_pass_runs_the_quantized_layers_and_no_cache(comfy):
 def test_frame_sink_gathers_chunks_in_order_and_grows_past_its_capacity():
     from comfy_host import import_host_in_process, import_pack_module
 
-    causal_loop = import_host_in_process(lambda: import_pack_module("nodes.adapters.causal_loop"))
+    causal_loop = import_host_in_process(lambda: import_pack_module("nodes.host.causal_loop"))
     chunks = [torch.full((n, 2, 3, 3), float(i)) for i, n in enumerate((1, 4, 4))]
     for capacity in (9, 2, None):
         sink = causal_loop.FrameSink(capacity)

@@ -75,7 +75,7 @@ class FastGenTestCausalExactness:
     def run(self, model, positive, chunk_frames, chunks):
         import comfy.model_management
 
-        wan_causal, world = _pack_module(".nodes.adapters.wan_causal"), _pack_module(".fastgen_core.world")
+        wan_causal, world = _pack_module(".nodes.host.wan_causal"), _pack_module(".fastgen_core.world")
         comfy.model_management.load_models_gpu([model])
         device = comfy.model_management.get_torch_device()
         dm = model.get_model_object("diffusion_model")
@@ -128,9 +128,9 @@ class FastGenTestContextPass:
         import comfy.model_management
         from comfy.patcher_extension import WrappersMP
 
-        world_nodes, world = _pack_module(".nodes.world"), _pack_module(".fastgen_core.world")
-        wan_causal, distill_nodes = _pack_module(".nodes.adapters.wan_causal"), _pack_module(".nodes.distill")
-        causal_loop = _pack_module(".nodes.adapters.causal_loop")
+        world_nodes, world = _pack_module(".nodes.host.causal_video"), _pack_module(".fastgen_core.world")
+        wan_causal, distill_nodes = _pack_module(".nodes.host.wan_causal"), _pack_module(".nodes.host.conds")
+        causal_loop = _pack_module(".nodes.host.causal_loop")
         comfy.model_management.load_models_gpu([model])
         device = comfy.model_management.get_torch_device()
         keys = sorted(world_nodes.context_options(model).get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}))
@@ -162,7 +162,7 @@ class FastGenTestKeptGraphs:
     CATEGORY = "_for_testing"
 
     def run(self, model):
-        world_nodes = _pack_module(".nodes.world")
+        world_nodes = _pack_module(".nodes.host.causal_video")
         shape = (1, 16, 6, 4, 4)
         get = lambda mode="kept", m=model, shape=shape, chunk=2, compile=False: world_nodes.cache_and_graphs(  # noqa: E731
             mode, m, shape, chunk, 2, 0, compile)

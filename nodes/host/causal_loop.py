@@ -2,7 +2,7 @@
 
 Each chunk is sampled by the host's own guider and sampler with the student's recipe (its wrappers,
 patches and model management, as SamplerCustom runs them, one sampling run per chunk), then runs once
-more at noise level 0 so that its keys and values join the KV cache (the context pass, `adapters.
+more at noise level 0 so that its keys and values join the KV cache (the context pass, `host.
 wan_causal`). The GPU should never wait for the CPU between chunks, so what a chunk reads is put on
 the device once per video (the latent, the sigmas and the prompt's tensors: the host would copy a CPU
 prompt to the device at every step, and each such copy waits for the GPU) or queued ahead from pinned
@@ -24,6 +24,7 @@ import comfy.samplers
 import torch
 
 from ...fastgen_core import sampling
+from .conds import conditioning_on
 from .devices import tensor_attributes_on
 from .wan_causal import WanCausalRun, compute_dtype
 
@@ -34,15 +35,6 @@ class Chunk:
     latents: torch.Tensor  # [B, C, F, H, W] on the device, in the latent space the host returns
     frames: torch.Tensor | None  # the chunk's decoded frames [B*F', H, W, 3] on the CPU, if a decoder was given
     seconds: float  # from the chunk's start until its frames (or latents) were out
-
-
-def conditioning_on(conditioning: list, device) -> list:
-    """The CONDITIONING with its tensors on `device` (the host's conds keep the prompt where the text
-    encoder left it, usually the CPU, and copy it to the GPU at every model call)."""
-    def moved(value):
-        return value.to(device) if torch.is_tensor(value) else value
-
-    return [[moved(tensor), {key: moved(value) for key, value in options.items()}] for tensor, options in conditioning]
 
 
 @functools.cache
