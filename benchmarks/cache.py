@@ -106,7 +106,7 @@ def load_host(comfyui: str, cpu: bool = True):
     spec.loader.exec_module(pack)
     import comfy_extras.nodes_easycache as easycache
     from fastgen_pack.nodes import cache as cache_nodes
-    from fastgen_pack.nodes.adapters.embedded import load_digit_model
+    from fastgen_pack.nodes.host.embedded import load_digit_model
 
     import nodes as host_nodes
 

@@ -7,7 +7,7 @@ and the share of the transformer's compute floor reached.
     COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py --small   # CPU smoke test
     COMFYUI_PATH=~/ComfyUI python benchmarks/causal_video.py --variants bf16,compile,compile+fp8   # torch.compile'd blocks
 
-The loop is what FastGen Causal Video Sampler runs (nodes/adapters/wan_causal.py, the same block
+The loop is what FastGen Causal Video Sampler runs (nodes/host/wan_causal.py, the same block
 patches and attention override, fastgen_core.world.KVCache), driven here without the host's
 sampler objects: x0 = x - sigma * v, re-noised with fresh noise (DMD multistep), then one context
 pass at sigma 0 per chunk.
@@ -45,9 +45,9 @@ def load_host(comfyui: str, cpu: bool):
 
 
 def load_adapters():
-    """nodes/adapters/* as modules of a stand-in package (the pack's own __init__ wants the full host)."""
+    """nodes/host/* as modules of a stand-in package (the pack's own __init__ wants the full host)."""
     for name, path in (("fgpack", REPO), ("fgpack.nodes", os.path.join(REPO, "nodes")),
-                       ("fgpack.nodes.adapters", os.path.join(REPO, "nodes", "adapters"))):
+                       ("fgpack.nodes.host", os.path.join(REPO, "nodes", "adapters"))):
         package = types.ModuleType(name)
         package.__path__ = [path]
         sys.modules[name] = package
@@ -57,7 +57,7 @@ def load_adapters():
     modules = {}
     for name in ("wan_causal", "wan_vae_stream"):
         path = os.path.join(REPO, "nodes", "adapters", f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"fgpack.nodes.adapters.{name}", path)
+        spec = importlib.util.spec_from_file_location(f"fgpack.nodes.host.{name}", path)
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]
         spec.loader.exec_module(modules[name])

@@ -581,7 +581,7 @@ def causal_perf(host: Host, settings: list[str], videos: int = 5, profile_dir: s
     if checks:
         import gpu_gaps
 
-        causal_loop = gpu_gaps.module_named("*.nodes.adapters.causal_loop")
+        causal_loop = gpu_gaps.module_named("*.nodes.host.causal_loop")
         torch = host.torch
         checked = _reseeded(prompt, offset=2000)
 
