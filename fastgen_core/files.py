@@ -20,6 +20,17 @@ from safetensors import SafetensorError, safe_open
 _NAME_BYTES_IN_TEMP = 64
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes the temporary file 0600: the saved file gets the mode a plain open() would have
+# given it, so that a ComfyUI running as another user of the group can read what this one saved
+_NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path` to write to; when the block succeeds, the file is
@@ -33,6 +44,8 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
+        if os.stat(tmp).st_nlink == 1:  # not a hard link to a file of someone else's (a Hub cache blob)
+            os.chmod(tmp, _NEW_FILE_MODE)
         _flush_to_disk(tmp)
         os.replace(tmp, path)
         _flush_folder(folder)

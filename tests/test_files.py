@@ -70,3 +70,15 @@ def test_read_metadata_names_a_missing_or_unreadable_file(tmp_path):
             files.read_metadata(str(tmp_path / name))
     save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
     assert files.read_metadata(str(tmp_path / "bare.safetensors")) == {}
+
+
+def test_a_saved_file_gets_the_mode_a_plain_open_would_give_it(tmp_path):
+    import stat
+
+    target = tmp_path / "lora.safetensors"
+    with files.atomic_path(str(target)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"x")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
