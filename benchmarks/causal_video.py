@@ -44,10 +44,10 @@ def load_host(comfyui: str, cpu: bool):
     return comfy.ops, WanModel, WanVAE
 
 
-def load_adapters():
+def load_host_modules():
     """nodes/host/* as modules of a stand-in package (the pack's own __init__ wants the full host)."""
     for name, path in (("fgpack", REPO), ("fgpack.nodes", os.path.join(REPO, "nodes")),
-                       ("fgpack.nodes.host", os.path.join(REPO, "nodes", "adapters"))):
+                       ("fgpack.nodes.host", os.path.join(REPO, "nodes", "host"))):
         package = types.ModuleType(name)
         package.__path__ = [path]
         sys.modules[name] = package
@@ -56,7 +56,7 @@ def load_adapters():
     sys.modules["fgpack.fastgen_core"], sys.modules["fgpack.fastgen_core.world"] = fastgen_core, world
     modules = {}
     for name in ("wan_causal", "wan_vae_stream"):
-        path = os.path.join(REPO, "nodes", "adapters", f"{name}.py")
+        path = os.path.join(REPO, "nodes", "host", f"{name}.py")
         spec = importlib.util.spec_from_file_location(f"fgpack.nodes.host.{name}", path)
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]
@@ -227,7 +227,7 @@ def main():
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ops, WanModel, WanVAE = load_host(args.comfyui, cpu=device == "cpu")
-    wan_causal, wan_vae_stream = load_adapters()
+    wan_causal, wan_vae_stream = load_host_modules()
     wan_causal.FUSE_LINEAR_GELU = not args.no_fuse_gelu
     if args.small:
         args.width, args.height, args.frames, args.chunk = 64, 32, 4, 2

@@ -242,7 +242,7 @@ def import_pack_module(dotted: str):
     import importlib
 
     for name, path in (("fgpack", REPO), ("fgpack.nodes", os.path.join(REPO, "nodes")),
-                       ("fgpack.nodes.host", os.path.join(REPO, "nodes", "adapters"))):
+                       ("fgpack.nodes.host", os.path.join(REPO, "nodes", "host"))):
         if name not in sys.modules:
             package = types.ModuleType(name)
             package.__path__ = [path]

@@ -14,7 +14,7 @@ def wan_vae_module():
         return WanVAE
 
     WanVAE = import_host_in_process(vae)
-    module = load_repo_module("wan_vae_stream", "nodes", "adapters", "wan_vae_stream.py")
+    module = load_repo_module("wan_vae_stream", "nodes", "host", "wan_vae_stream.py")
     return WanVAE, module
 
 
