@@ -19,7 +19,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.causal_video import load_adapters, load_host, randomize  # noqa: E402
+from benchmarks.causal_video import load_host, load_host_modules, randomize  # noqa: E402
 from fastgen_core.tiny_vae import TinyVideoDecoder  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     _, _, WanVAE = load_host(args.comfyui, cpu=device == "cpu")
-    _, wan_vae_stream = load_adapters()
+    _, wan_vae_stream = load_host_modules()
     width, height, latent_frames, chunk = (64, 32, 4, 2) if args.small else (832, 480, 21, 3)
     vae = WanVAE(z_dim=16, num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True], dim=96,
                  dim_mult=[1, 2, 4, 4]).to(device=device, dtype=dtype)

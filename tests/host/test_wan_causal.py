@@ -20,7 +20,7 @@ def host_wan():
 
     comfy, WanModel = import_host_in_process(wan)
     bench = load_repo_module("causal_video_bench", "benchmarks", "causal_video.py")
-    wan_causal, _ = bench.load_adapters()  # the adapter as a module of a stand-in package
+    wan_causal, _ = bench.load_host_modules()  # the adapter as a module of a stand-in package
     torch.manual_seed(0)
     model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=64, ffn_dim=128, freq_dim=32,
                      text_dim=32, out_dim=16, num_heads=2, num_layers=4, cross_attn_norm=True, device="cpu",
