@@ -34,7 +34,7 @@ class Chunk:
     index: int
     latents: torch.Tensor  # [B, C, F, H, W] on the device, in the latent space the host returns
     frames: torch.Tensor | None  # the chunk's decoded frames [B*F', H, W, 3] on the CPU, if a decoder was given
-    seconds: float  # from the chunk's start until its frames (or latents) were out
+    seconds: float  # from the chunk's start until it was handed over (its frames out, if decoded)
 
 
 @functools.cache

@@ -1,5 +1,6 @@
-"""The Causal Video Sampler's host side besides the chunk loop: the decoder of its frames, the
-context pass's options, and the KV cache and CUDA graphs a run uses or keeps for the next."""
+"""The Causal Video Sampler's run on the host (`CausalVideo`) and what it is made of besides the
+chunk loop: the decoder of its frames, the context pass's options, and the KV cache and CUDA graphs
+a run uses or keeps for the next."""
 
 from __future__ import annotations
 
